@@ -1,0 +1,194 @@
+"""The route table: method + path → at most one rule per group, in time independent of
+the number of rules.
+
+Precedence inside a group (DESIGN.md): compare the matching templates segment by
+segment, literal beats ``{param}``/``*`` beats ``**`` (a template that ends exactly
+where the path ends beats a ``**`` that matches nothing); then a method-restricted rule
+beats an unrestricted one. A depth-first walk of a segment trie that tries literal
+children, then the parameter child, then ``**`` visits matching templates in exactly
+that order, so the first unexcluded rule seen for a group is its winner. One trie is
+built per method the policy names (plus one for all other methods), which turns the
+method rule into a static ordering of the trie's leaves.
+
+Results are memoised per (method, raw path) in a bounded table, since real traffic
+repeats paths heavily; a miss costs one normalisation and one walk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tenantguard._paths import LITERAL, PARAM, REST, PathTemplate, normalise_path
+from tenantguard._rules import CompiledRule
+
+__all__ = ["Candidate", "Conflict", "RouteTable", "find_conflicts"]
+
+_CACHE_SIZE = 8192
+Entry = tuple[CompiledRule, PathTemplate]
+
+
+class _Node:
+    __slots__ = ("end", "literal", "param", "rest")
+
+    def __init__(self) -> None:
+        self.literal: dict[str, _Node] = {}
+        self.param: _Node | None = None
+        self.rest: list[Entry] = []
+        self.end: list[Entry] = []
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A rule whose template matches a request, in precedence order (for ``explain``)."""
+
+    rule: CompiledRule
+    template: PathTemplate
+    excluded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """Two rules of one group that tie on some request."""
+
+    first: CompiledRule
+    second: CompiledRule
+    template: PathTemplate
+    other_template: PathTemplate
+
+
+def _restricted_first(entries: list[Entry]) -> None:
+    entries.sort(key=lambda entry: (entry[0].methods is None, entry[0].slot))
+
+
+class RouteTable:
+    def __init__(self, rules: tuple[CompiledRule, ...]) -> None:
+        self.rules = rules
+        self.groups = tuple(dict.fromkeys(rule.group for rule in rules))
+        methods = sorted({method for rule in rules for method in rule.methods or ()})
+        self._tries = {method: self._build(method) for method in methods}
+        self._other = self._build(None)
+        self._cache: dict[tuple[str, str], tuple[CompiledRule, ...]] = {}
+
+    def _build(self, method: str | None) -> _Node:
+        root = _Node()
+        for rule in self.rules:
+            if rule.methods is not None and method not in rule.methods:
+                continue
+            for template in rule.templates:
+                node = root
+                for kind, value in template.segments:
+                    if kind == REST:
+                        node.rest.append((rule, template))
+                        break
+                    if kind == LITERAL:
+                        node = node.literal.setdefault(value, _Node())
+                    else:
+                        node.param = node.param or _Node()
+                        node = node.param
+                else:
+                    node.end.append((rule, template))
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            _restricted_first(node.end)
+            _restricted_first(node.rest)
+            stack.extend(node.literal.values())
+            if node.param is not None:
+                stack.append(node.param)
+        return root
+
+    def match(self, method: str, path: str) -> tuple[CompiledRule, ...]:
+        """The winning rule of each group that has one, in the policy's group order."""
+        key = (method, path)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        segments = normalise_path(path)
+        found: dict[str, CompiledRule] = {}
+        wanted = len(self.groups)
+        for rule, _template in self._walk(self._trie(method), segments, 0):
+            if rule.group not in found and not (rule.excepts and rule.excluded(segments)):
+                found[rule.group] = rule
+                if len(found) == wanted:
+                    break
+        result = tuple(found[group] for group in self.groups if group in found)
+        if len(self._cache) >= _CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]
+        self._cache[key] = result
+        return result
+
+    def candidates(self, method: str, path: str) -> list[Candidate]:
+        """Every matching template in precedence order, excluded ones flagged."""
+        segments = normalise_path(path)
+        return [
+            Candidate(rule, template, rule.excluded(segments))
+            for rule, template in self._walk(self._trie(method), segments, 0)
+        ]
+
+    def _trie(self, method: str) -> _Node:
+        trie = self._tries.get(method)
+        if trie is None:
+            trie = self._tries.get(method.upper(), self._other)
+        return trie
+
+    def _walk(self, node: _Node, segments: tuple[str, ...], depth: int) -> Iterator[Entry]:
+        if depth == len(segments):
+            yield from node.end
+        else:
+            child = node.literal.get(segments[depth])
+            if child is not None:
+                yield from self._walk(child, segments, depth + 1)
+            if node.param is not None:
+                yield from self._walk(node.param, segments, depth + 1)
+        yield from node.rest
+
+
+def find_conflicts(rules: tuple[CompiledRule, ...]) -> list[Conflict]:
+    """Pairs of rules in one group that would tie on some request.
+
+    Two templates can match one path with equal specificity only if they have the same
+    shape (same kinds, same literals); the tie then stands unless one rule restricts
+    methods and the other does not, or their methods are disjoint, or one rule excepts
+    that very shape.
+    """
+    seen: dict[tuple[str, tuple[tuple[int, str], ...]], list[Entry]] = {}
+    conflicts: list[Conflict] = []
+    for rule in rules:
+        excepted = {template.shape for template in rule.excepts}
+        for template in rule.templates:
+            if template.shape in excepted:
+                continue
+            key = (rule.group, template.shape)
+            for other, other_template in seen.get(key, []):
+                if other is rule or (rule.methods is None) != (other.methods is None):
+                    continue
+                if (
+                    rule.methods is not None
+                    and other.methods is not None
+                    and not (rule.methods & other.methods)
+                ):
+                    continue
+                conflicts.append(
+                    Conflict(
+                        first=other, second=rule, template=template, other_template=other_template
+                    )
+                )
+            seen.setdefault(key, []).append((rule, template))
+    return conflicts
+
+
+def precedence_reason(winner: Candidate, loser: Candidate) -> str:
+    """Which precedence step put ``winner`` ahead of ``loser`` (for ``explain``)."""
+    names = {LITERAL: "a literal", PARAM: "a parameter", REST: "'**'"}
+    mine, theirs = winner.template.segments, loser.template.segments
+    for index in range(max(len(mine), len(theirs))):
+        a = mine[index][0] if index < len(mine) else None
+        b = theirs[index][0] if index < len(theirs) else None
+        if a != b:
+            left = names[a] if a is not None else "the end of the path"
+            right = names[b] if b is not None else "the end of the path"
+            return f"segment {index + 1}: {left} beats {right}"
+    if winner.rule.methods is not None and loser.rule.methods is None:
+        return "same path specificity; a method-restricted rule beats an unrestricted one"
+    return "earlier in precedence order"

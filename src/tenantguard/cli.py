@@ -1,0 +1,262 @@
+"""The ``tenantguard`` command: ``check`` and ``explain`` a policy, ``serve`` the HTTP API.
+
+This is the one place that reads flags and the environment; everything below it takes
+plain arguments. A policy problem is always a list of located messages and an exit
+status, never a traceback, because the reader is someone editing a YAML file.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console, RenderableType
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
+
+from tenantguard._durations import format_duration
+from tenantguard._paths import normalise_path
+from tenantguard._routing import Candidate, precedence_reason
+from tenantguard._rules import CompiledRule
+from tenantguard.errors import PolicyError
+from tenantguard.policy import Policy, load_policy
+
+__all__ = ["app", "main"]
+
+DEFAULT_POLICY = Path("examples/okta-management.yaml")
+_BURSTING = ("token-bucket", "gcra")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Enforce the limits a multi-tenant API platform sells with its plans.",
+)
+
+
+def main() -> None:
+    app()
+
+
+def _out() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _err() -> Console:
+    """Messages stay one line each, so ``file:line:`` prefixes work with grep and editors."""
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    _err().print(Text(message))
+    raise typer.Exit(code)
+
+
+def _load(file: Path) -> Policy:
+    """The policy, or every issue on stderr and exit 1."""
+    try:
+        return load_policy(file)
+    except PolicyError as error:
+        console = _err()
+        for issue in error.issues:
+            console.print(Text(str(issue)))
+        count = len(error.issues)
+        console.print(Text(f"{file}: {count} problem{'s' if count != 1 else ''}, not loaded"))
+        raise typer.Exit(1) from None
+    except Exception as error:
+        _fail(f"{file}: could not be loaded ({type(error).__name__}: {error})", 1)
+
+
+def _show(console: Console, renderable: RenderableType) -> None:
+    """Print at natural width when not on a terminal, so piped output is never cut."""
+    if not console.is_terminal:
+        unbounded = console.options.update_width(1_000_000)
+        needed = Measurement.get(console, unbounded, renderable).maximum
+        console.width = max(console.width, needed)
+    console.print(renderable)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _value(rule: CompiledRule, slot: int) -> str:
+    """A rule's value on one plan as a policy would spell it, burst shown when it differs."""
+    value = rule.values[slot]
+    burst = rule.bursts[slot]
+    if isinstance(value, int) and rule.algorithm in _BURSTING and burst not in (None, value):
+        return f"{value} (burst {burst})"
+    return str(value)
+
+
+def _window(rule: CompiledRule) -> str:
+    if rule.algorithm == "concurrency":
+        return f"lease {format_duration(rule.lease_ttl)}"
+    return format_duration(rule.window)
+
+
+def _methods(rule: CompiledRule) -> str:
+    return ", ".join(sorted(rule.methods)) if rule.methods else "all"
+
+
+def _rules_table(policy: Policy, group: str) -> Table:
+    table = Table(title=f"group {group}", title_justify="left", show_lines=True)
+    for header in ("rule", "methods", "paths", "algorithm", "window", "per"):
+        table.add_column(header, overflow="fold")
+    for plan in policy.plans:
+        table.add_column(plan.name, justify="right", overflow="fold")
+    for rule in policy.rules:
+        if rule.group != group:
+            continue
+        paths = [template.text for template in rule.templates]
+        paths += [f"except {template.text}" for template in rule.excepts]
+        name = rule.name + (" (shadow)" if rule.shadow else "")
+        cells = [name, _methods(rule), "\n".join(paths), rule.algorithm, _window(rule)]
+        cells.append(", ".join(rule.per))
+        cells += [_value(rule, slot) for slot in range(len(policy.plans))]
+        table.add_row(*(Text(cell) for cell in cells))
+    return table
+
+
+FileArgument = Annotated[
+    Path, typer.Argument(help="Policy file (YAML).", show_default=False, dir_okay=False)
+]
+
+
+@app.command()
+def check(file: FileArgument) -> None:
+    """Validate a policy and show its rules per group and plan."""
+    policy = _load(file)
+    console = _out()
+    for group in policy.routes.groups:
+        _show(console, _rules_table(policy, group))
+    groups = len(policy.routes.groups)
+    summary = (
+        f"{file}: OK, {_plural(len(policy.rules), 'rule')} in {_plural(groups, 'group')}, "
+        f"{_plural(len(policy.document.quotas), 'quota')}, {_plural(len(policy.plans), 'plan')}"
+    )
+    console.print(Text(summary))
+
+
+def _loss(winner: Candidate | None, loser: Candidate, segments: tuple[str, ...]) -> str:
+    if loser.excluded:
+        template = next(t for t in loser.rule.excepts if t.matches(segments))
+        return f"excluded by except {template.text}"
+    if winner is None:
+        return "not reached"
+    return precedence_reason(winner, loser)
+
+
+@app.command()
+def explain(
+    file: FileArgument,
+    method: Annotated[str, typer.Argument(help="HTTP method, such as GET.", show_default=False)],
+    path: Annotated[str, typer.Argument(help="Request path.", show_default=False)],
+    plan: Annotated[
+        str | None, typer.Option(help="Show only this plan's value.", show_default=False)
+    ] = None,
+) -> None:
+    """Show which rule of each group a request counts against, and why the others lose."""
+    policy = _load(file)
+    if plan is not None and plan not in policy.plan_index:
+        known = ", ".join(p.name for p in policy.plans)
+        _fail(f"unknown plan {plan!r}; expected one of: {known}", 2)
+    slots = [policy.plan_index[plan]] if plan is not None else range(len(policy.plans))
+    method = method.upper()
+    segments = normalise_path(path)
+    normalised = "/" + "/".join(segments)
+    console = _out()
+    heading = f"{method} {normalised}"
+    if normalised != path:
+        heading += f" (normalised from {path})"
+    console.print(Text(heading, style="bold"))
+    candidates = policy.routes.candidates(method, path)
+    for group in policy.routes.groups:
+        seen: set[str] = set()
+        ranked: list[Candidate] = []
+        for candidate in candidates:
+            if candidate.rule.group == group and candidate.rule.name not in seen:
+                seen.add(candidate.rule.name)
+                ranked.append(candidate)
+        winner = next((c for c in ranked if not c.excluded), None)
+        console.print()
+        if winner is None:
+            console.print(Text(f"group {group}: no rule"))
+        else:
+            rule = winner.rule
+            console.print(Text(f"group {group}: {rule.name}", style="bold"))
+            console.print(Text(f"  matched {winner.template.text}"))
+            console.print(
+                Text(f"  {rule.algorithm}, window {_window(rule)}, per {', '.join(rule.per)}")
+            )
+            for slot in slots:
+                console.print(Text(f"  {policy.plans[slot].name}: {_value(rule, slot)}"))
+        for loser in ranked:
+            if loser is winner:
+                continue
+            reason = _loss(winner, loser, segments)
+            console.print(Text(f"  not {loser.rule.name} ({loser.template.text}): {reason}"))
+
+
+@app.command()
+def serve(
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="TENANTGUARD_POLICY",
+            help=f"Policy file [default: {DEFAULT_POLICY}]",
+            show_default=False,
+            dir_okay=False,
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(envvar="TENANTGUARD_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="TENANTGUARD_PORT", min=1, max=65535)] = 8080,
+    counters: Annotated[
+        str, typer.Option(envvar="TENANTGUARD_COUNTERS", help="Counter store URL.")
+    ] = "memory",
+    ledger: Annotated[
+        str, typer.Option(envvar="TENANTGUARD_LEDGER", help="Ledger URL.")
+    ] = "sqlite:///tenantguard.db",
+) -> None:
+    """Run the HTTP decision service."""
+    import uvicorn  # noqa: PLC0415 - only serve needs it; check and explain start faster
+
+    from tenantguard.guard import Guard  # noqa: PLC0415
+    from tenantguard.server import create_app  # noqa: PLC0415
+
+    if policy is None:
+        policy = DEFAULT_POLICY
+        if not policy.is_file():
+            _fail(
+                f"no policy given and {policy} does not exist in {Path.cwd()}; "
+                "pass --policy FILE or set TENANTGUARD_POLICY",
+                2,
+            )
+    loaded = _load(policy)
+    try:
+        guard = Guard(loaded, counters=counters)
+    except ValueError as error:
+        _fail(f"--counters {counters}: {error}", 2)
+    console = _out()
+    console.print(
+        Text(
+            f"warning: ledger {ledger} is not used yet; tenant records are kept in memory "
+            "and lost on restart",
+            style="yellow",
+        )
+    )
+    admin_token = os.environ.get("TENANTGUARD_ADMIN_TOKEN") or ""
+    service_token = os.environ.get("TENANTGUARD_SERVICE_TOKEN") or admin_token
+    if not admin_token and not service_token:
+        admin_token = service_token = secrets.token_urlsafe(24)
+        console.print(Text(f"generated token (admin and service): {admin_token}"))
+    elif not admin_token:
+        admin_token = secrets.token_urlsafe(24)
+        console.print(Text(f"TENANTGUARD_ADMIN_TOKEN not set; generated: {admin_token}"))
+    console.print(Text(f"policy {policy}; listening on http://{host}:{port}"))
+    server = create_app(guard, service_token=service_token, admin_token=admin_token)
+    uvicorn.run(server, host=host, port=port)

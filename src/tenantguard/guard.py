@@ -1,0 +1,377 @@
+"""``Guard``: the engine behind every front door.
+
+A check runs in three steps (DESIGN.md, "A check, step by step"): ``_prepare`` resolves
+the tenant and the route plan and the counter keys; the store applies the specs
+atomically; ``_decide`` turns the outcomes into a ``Decision``. Only the middle step
+does I/O, so a synchronous facade shares the first and last without a copy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+
+from tenantguard._effective import effective_limit
+from tenantguard._leases import decode_lease, encode_lease, new_lease_id
+from tenantguard._route_plan import RoutePlan
+from tenantguard._rules import CompiledRule
+from tenantguard.algorithms import NEVER, Outcome
+from tenantguard.decision import Decision, RuleCheck
+from tenantguard.policy import UNAVAILABLE, UNLIMITED, Policy
+from tenantguard.stores import CounterSpec, CounterStore, MemoryCounters
+from tenantguard.tenants import MemoryTenants, TenantRecord, TenantRecords
+
+__all__ = ["Guard"]
+
+Clock = Callable[[], float]
+_PLAN_CACHE_SIZE = 16384
+
+
+def _open_counters(counters: str | CounterStore) -> CounterStore:
+    if not isinstance(counters, str):
+        return counters
+    if counters in ("memory", "memory://"):
+        return MemoryCounters()
+    scheme = counters.partition(":")[0] or counters
+    raise ValueError(f"counter store {scheme!r} is not supported; expected 'memory'")
+
+
+def table_id(rule: CompiledRule) -> str:
+    window = rule.lease_ttl if rule.algorithm == "concurrency" else rule.window
+    return f"{rule.name}|{rule.algorithm}|{window:g}"
+
+
+def counter_key(
+    rule: CompiledRule,
+    tenant: str,
+    client: str | None,
+    ip: str | None,
+    user: str | None,
+    headers: Mapping[str, str] | None,
+) -> str:
+    """The counter key of a request under ``rule.per``.
+
+    A lone tenant is used as is (tables are per rule, so keys of different rules never
+    meet); several parts are length-prefixed so no choice of values can collide.
+    """
+    if rule.per == ("tenant",):
+        return tenant
+    values = []
+    for part in rule.per:
+        if part == "tenant":
+            value = tenant
+        elif part == "client":
+            value = client or ""
+        elif part == "ip":
+            value = ip or ""
+        elif part == "user":
+            value = user or ""
+        else:
+            wanted = part[len("header:") :]
+            value = next((v for k, v in (headers or {}).items() if k.lower() == wanted), "")
+        values.append(f"{len(value)}:{value}")
+    return "".join(values)
+
+
+class Guard:
+    """Checks requests against a policy; see DESIGN.md for the whole API.
+
+    ``counters`` is ``"memory"`` (default) or a ``CounterStore``; ``clock`` returns epoch
+    seconds and is the only time source (inject one in tests and simulations).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        counters: str | CounterStore = "memory",
+        tenants: TenantRecords | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.policy = policy
+        self._clock = clock
+        self._store = _open_counters(counters)
+        self._local = self._store if isinstance(self._store, MemoryCounters) else None
+        self.tenants: TenantRecords = tenants or MemoryTenants(self._plan_names, clock)
+        self._styles = policy.document.headers
+        self._default_slot = policy.plan_index[policy.default_plan]
+        self._default_plan = policy.default_plan
+        self._peek = self.tenants.peek
+        self._plans: dict[tuple[str, str, int], RoutePlan] = {}
+
+    def _plan_names(self) -> set[str]:
+        return set(self.policy.plan_index)
+
+    async def check(
+        self,
+        tenant: str,
+        method: str,
+        path: str,
+        *,
+        client: str | None = None,
+        ip: str | None = None,
+        user: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        cost: int = 1,
+    ) -> Decision:
+        """Count one request and say whether it may proceed."""
+        if cost.__class__ is not int or cost < 1:
+            raise ValueError(f"cost must be a whole number >= 1, got {cost!r}")
+        if tenant.__class__ is not str or not tenant:
+            raise ValueError("tenant must be a non-empty string")
+        now = self._clock()
+        record = self._peek(tenant)
+        if record is None:
+            plan, slot = self._default_plan, self._default_slot
+        else:
+            plan, slot = self._plan_of(record)
+        route = self._plans.get((method, path, slot)) or self._route(method, path, slot, record)
+        outcomes: list[Outcome] = []
+        keys: list[str] = []
+        lease = None
+        if route.countable:
+            if route.tenant_keyed:
+                keys = [tenant] * len(route.specs)
+            else:
+                keys = [counter_key(r, tenant, client, ip, user, headers) for r in route.rules]
+            if route.leased:
+                lease = new_lease_id()
+            local = self._local
+            if local is not None:
+                outcomes = local.apply_now(route.specs, keys, cost, lease, now, route.bound)
+            else:
+                outcomes = await self._store.apply(route.specs, keys, cost, lease, now)
+        return self._decide(tenant, plan, route, keys, outcomes, cost, lease, now)
+
+    async def release(self, lease: str | None) -> None:
+        """End the concurrency lease of a decision; ``None`` and repeats are no-ops."""
+        if lease is None:
+            return
+        lease_id, held = decode_lease(lease)
+        now = self._clock()
+        for name, key in held:
+            try:
+                rule = self.policy.rule(name)
+            except KeyError:
+                continue
+            await self._store.release(table_id(rule), key, lease_id, now)
+
+    async def close(self) -> None:
+        await self._store.close()
+
+    async def __aenter__(self) -> Guard:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _plan_of(self, record: TenantRecord | None) -> tuple[str, int]:
+        if record is not None:
+            slot = self.policy.plan_index.get(record.plan)
+            if slot is not None:
+                return record.plan, slot
+        return self.policy.default_plan, self._default_slot
+
+    def _route(self, method: str, path: str, slot: int, record: TenantRecord | None) -> RoutePlan:
+        plan = self.policy.plans[slot].name
+        rules, specs, fixed = [], [], []
+        unavailable = None
+        for rule in self.policy.routes.match(method, path):
+            value, burst = effective_limit(rule, slot, record)
+            if value in (UNAVAILABLE, UNLIMITED):
+                check = RuleCheck(
+                    rule.name,
+                    rule.group,
+                    rule.algorithm,
+                    str(value),
+                    None,
+                    None,
+                    None,
+                    None,
+                    rule.window,
+                    rule.shadow,
+                    f"{rule.name!r} is not available on plan {plan!r}"
+                    if value == UNAVAILABLE
+                    else None,
+                )
+                fixed.append(check)
+                if value == UNAVAILABLE and not rule.shadow and unavailable is None:
+                    unavailable = check
+                continue
+            assert isinstance(value, int)
+            rules.append(rule)
+            window = rule.lease_ttl if rule.algorithm == "concurrency" else rule.window
+            specs.append(
+                CounterSpec(table_id(rule), rule.algorithm, window, value, burst, not rule.shadow)
+            )
+        route = RoutePlan(
+            rules=tuple(rules),
+            specs=tuple(specs),
+            fixed=tuple(fixed),
+            unavailable=unavailable,
+            tenant_keyed=all(rule.per == ("tenant",) for rule in rules),
+            leased=any(rule.algorithm == "concurrency" for rule in rules),
+            countable=bool(specs) and unavailable is None,
+            bound=self._local.bind(specs) if self._local is not None and specs else None,
+        )
+        if len(self._plans) >= _PLAN_CACHE_SIZE:
+            del self._plans[next(iter(self._plans))]
+        self._plans[(method, path, slot)] = route
+        return route
+
+    def _decide(
+        self,
+        tenant: str,
+        plan: str,
+        route: RoutePlan,
+        keys: list[str],
+        outcomes: list[Outcome],
+        cost: int,
+        lease_id: str | None,
+        now: float,
+    ) -> Decision:
+        # the binding rule: the denial with the longest wait, else the least remaining
+        denied = bound = -1
+        specs = route.specs
+        for index, outcome in enumerate(outcomes):
+            if specs[index][5]:
+                if not outcome[0]:
+                    if denied < 0 or outcome[4] > outcomes[denied][4]:
+                        denied = index
+                elif bound < 0 or outcome[2] < outcomes[bound][2]:
+                    bound = index
+        checks = (route, outcomes, cost, denied >= 0)
+        if route.unavailable is not None:
+            check = route.unavailable
+            return Decision(
+                tenant,
+                plan,
+                403,
+                check.rule,
+                None,
+                None,
+                None,
+                None,
+                None,
+                check.reason,
+                self._styles,
+                now,
+                route.fixed,
+            )
+        if denied >= 0:
+            outcome = outcomes[denied]
+            spec = specs[denied]
+            wait = outcome[4]
+            name = route.rules[denied].name
+            if wait == NEVER:
+                retry_after = None
+                reason = (
+                    f"cost {cost} exceeds the {_ceiling(spec)} that rule {name!r} can ever admit"
+                )
+            else:
+                retry_after = max(math.ceil(wait), 1)
+                reason = f"rate limit {name!r} exceeded"
+            return Decision(
+                tenant,
+                plan,
+                429,
+                name,
+                spec[3],
+                outcome[2],
+                outcome[3],
+                retry_after,
+                None,
+                reason,
+                self._styles,
+                now,
+                checks,
+                _build_checks,
+            )
+        lease = None
+        if lease_id is not None:
+            held = [
+                (rule.name, keys[i])
+                for i, rule in enumerate(route.rules)
+                if rule.algorithm == "concurrency"
+            ]
+            lease = encode_lease(lease_id, held)
+        if bound < 0:
+            return Decision(
+                tenant,
+                plan,
+                200,
+                None,
+                None,
+                None,
+                None,
+                None,
+                lease,
+                None,
+                self._styles,
+                now,
+                checks,
+                _build_checks,
+            )
+        outcome = outcomes[bound]
+        return Decision(
+            tenant,
+            plan,
+            200,
+            route.rules[bound].name,
+            specs[bound][3],
+            outcome[2],
+            outcome[3],
+            None,
+            lease,
+            None,
+            self._styles,
+            now,
+            checks,
+            _build_checks,
+        )
+
+
+def _never_reason(cost: int, spec: CounterSpec, name: str) -> str:
+    return f"cost {cost} exceeds the {_ceiling(spec)} that rule {name!r} can ever admit"
+
+
+def _ceiling(spec: CounterSpec) -> int:
+    """The most one request may cost under ``spec``."""
+    return spec.burst if spec.algorithm in ("token-bucket", "gcra") else spec.limit
+
+
+def _build_checks(parts: tuple[RoutePlan, list[Outcome], int, bool]) -> tuple[RuleCheck, ...]:
+    """``Decision.checks``, built on demand from what the store answered."""
+    route, outcomes, cost, blocked = parts
+    checks = []
+    for index, (allowed, _, left, reset, retry) in enumerate(outcomes):
+        rule, spec = route.rules[index], route.specs[index]
+        reason = None
+        remaining = left
+        if allowed and blocked:
+            # nothing was counted since another rule denied: report the untouched count
+            verdict = "uncounted"
+            remaining = min(left + cost, _ceiling(spec))
+        elif allowed:
+            verdict = "allowed"
+        else:
+            verdict = "denied" if spec.enforce else "shadow-denied"
+            if retry == NEVER:
+                reason = _never_reason(cost, spec, rule.name)
+        checks.append(
+            RuleCheck(
+                rule.name,
+                rule.group,
+                rule.algorithm,
+                verdict,
+                spec.limit,
+                remaining,
+                reset,
+                retry,
+                rule.window,
+                rule.shadow,
+                reason,
+            )
+        )
+    return (*checks, *route.fixed)
