@@ -11,7 +11,15 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tenantguard.algorithms import EARLY, NEVER, STEPS, concurrency, fixed_window, gcra, token_bucket
+from tenantguard.algorithms import (
+    EARLY,
+    NEVER,
+    STEPS,
+    concurrency,
+    fixed_window,
+    gcra,
+    token_bucket,
+)
 from tenantguard.algorithms import sliding_window as sliding
 
 START = 1_700_000_000.0
@@ -30,8 +38,14 @@ windows = st.sampled_from([1.0, 7.0, 10.0, 60.0])
 limits = st.integers(min_value=1, max_value=25)
 
 
-def run(name: str, requests: list[tuple[float, int]], limit: int, window: float, burst: int,
-        start: float = START) -> list[tuple[float, int]]:
+def run(
+    name: str,
+    requests: list[tuple[float, int]],
+    limit: int,
+    window: float,
+    burst: int,
+    start: float = START,
+) -> list[tuple[float, int]]:
     """Admitted (time, cost) pairs; also checks that a denial never changes state."""
     step = STEPS[name]
     state: Any = None
@@ -90,7 +104,9 @@ def test_gcra_admits_what_the_token_bucket_admits(
     # the two are one algorithm in two notations; compare on a millisecond grid, where
     # neither notation's rounding can tip a boundary case
     grid = [(round(gap, 3), cost) for gap, cost in requests]
-    assert run("token-bucket", grid, limit, window, burst) == run("gcra", grid, limit, window, burst)
+    assert run("token-bucket", grid, limit, window, burst) == run(
+        "gcra", grid, limit, window, burst
+    )
 
 
 @settings(max_examples=300)
@@ -116,7 +132,9 @@ def test_sliding_window_within_documented_bound(
 @settings(max_examples=200)
 @given(
     st.sampled_from(["fixed-window", "sliding-window", "token-bucket", "gcra"]),
-    traffic, limits, windows,
+    traffic,
+    limits,
+    windows,
 )
 def test_retry_after_is_when_the_request_passes(
     name: str, requests: list[tuple[float, int]], limit: int, window: float

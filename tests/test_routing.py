@@ -49,8 +49,14 @@ def test_normalise(raw: str, segments: tuple[str, ...]) -> None:
 
 
 SPELLINGS = [
-    "/api/v1/apps", "/api/v1/apps/", "/api//v1/apps", "/api/v1/apps?x=1", "/api/v1/%61pps",
-    "/api%2Fv1%2Fapps", "/api/v1/./apps", "/api/v1/z/../apps",
+    "/api/v1/apps",
+    "/api/v1/apps/",
+    "/api//v1/apps",
+    "/api/v1/apps?x=1",
+    "/api/v1/%61pps",
+    "/api%2Fv1%2Fapps",
+    "/api/v1/./apps",
+    "/api/v1/z/../apps",
 ]
 
 

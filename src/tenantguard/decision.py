@@ -49,8 +49,8 @@ class Decision:
         "_build_checks",
         "_checks",
         "_headers",
+        "_reset",
         "_styles",
-        "allowed",
         "degraded",
         "lease",
         "limit",
@@ -58,7 +58,6 @@ class Decision:
         "plan",
         "reason",
         "remaining",
-        "reset",
         "retry_after",
         "rule",
         "status",
@@ -83,24 +82,33 @@ class Decision:
         build_checks: Callable[[Any], tuple[RuleCheck, ...]] | None = None,
         degraded: bool = False,
     ) -> None:
+        # a check builds one of these per request: set only what is cheap, derive the rest
         self.tenant = tenant
         self.plan = plan
         self.status = status
-        self.allowed = status == 200
         self.rule = rule
         self.limit = limit
         self.remaining = remaining
-        self.reset = -int(-reset // 1) if reset is not None else None
+        self._reset = reset
         self.retry_after = retry_after
         self.lease = lease
         self.reason = reason
         self.degraded = degraded
         self.now = now
         self._styles = styles
-        self._headers: dict[str, str] | None = None
         # ``checks`` is the finished tuple, or what ``build_checks`` makes it from
         self._checks = checks
         self._build_checks = build_checks
+
+    @property
+    def allowed(self) -> bool:
+        return self.status == 200
+
+    @property
+    def reset(self) -> int | None:
+        """Epoch second at which the binding rule is whole again, rounded up."""
+        reset = self._reset
+        return None if reset is None else -int(-reset // 1)
 
     @property
     def checks(self) -> tuple[RuleCheck, ...]:
@@ -121,9 +129,12 @@ class Decision:
 
     @property
     def headers(self) -> dict[str, str]:
-        if self._headers is None:
-            self._headers = render_headers(self._styles, self)
-        return self._headers
+        """Response headers in every style the policy names, rendered once."""
+        try:
+            return self._headers
+        except AttributeError:
+            self._headers: dict[str, str] = render_headers(self._styles, self)
+            return self._headers
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON shape of ``POST /v1/check`` (DESIGN.md)."""

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ALLOWED", "EARLY", "EPSILON", "NEVER", "REMAINING", "RESET", "RETRY_AFTER", "STATE", "Outcome"]
+__all__ = [
+    "ALLOWED",
+    "EARLY",
+    "EPSILON",
+    "NEVER",
+    "REMAINING",
+    "RESET",
+    "RETRY_AFTER",
+    "STATE",
+    "Outcome",
+]
 
 NEVER = float("inf")
 """``retry_after`` of a request that can never pass (its cost exceeds the limit)."""

@@ -28,8 +28,7 @@ def step(
     interval = window / limit
     tolerance = burst * interval
     ahead = state[0] - (now - state[1]) if state is not None else 0.0  # max(TAT, now) - now
-    if ahead < 0.0:
-        ahead = 0.0
+    ahead = max(ahead, 0.0)
     new_ahead = ahead + cost * interval
     if new_ahead <= tolerance + EARLY:
         left = (tolerance - new_ahead) / interval + EPSILON

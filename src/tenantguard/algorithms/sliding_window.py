@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from tenantguard.algorithms._outcome import EPSILON, NEVER, Outcome
+from tenantguard.algorithms._outcome import EARLY, EPSILON, NEVER, Outcome
 
 __all__ = ["expires", "step"]
 
@@ -37,7 +37,8 @@ def step(
     weight = 1.0 - (now - start) / window
     estimate = previous * weight + current
     reset = start + window
-    if estimate + cost <= limit + EPSILON:
+    # the previous window's weight may fall EARLY seconds ahead of the clock's resolution
+    if estimate + cost <= limit + EPSILON + previous * EARLY / window:
         remaining = max(math.floor(limit - estimate - cost + EPSILON), 0)
         return (True, (start, previous, current + cost), remaining, reset, 0.0)
     remaining = max(math.floor(limit - estimate + EPSILON), 0)
@@ -49,7 +50,7 @@ def step(
     else:
         # wait into the next window, where the current count becomes the previous one
         at = reset + window * (1.0 - (limit - cost) / current)
-    return (False, state, remaining, reset, max(at - now, 0.0))
+    return (False, state, remaining, reset, max(at - now, EARLY))
 
 
 def expires(state: State, window: float) -> float:

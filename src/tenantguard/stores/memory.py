@@ -2,10 +2,12 @@
 
 Memory stays bounded without a timer thread or per-key expiry bookkeeping: each table
 keeps a ``live`` dict and a ``draining`` dict. Lookups consult both; writes go to
-``live``. Every operation also inspects one entry of ``draining`` and moves it to
-``live`` if its state still matters, or drops it. When ``draining`` is empty the dicts
-rotate. So every key is revisited once per cycle and an expired one is gone within a
-cycle, at constant cost per operation and no pauses.
+``live``. While ``draining`` has entries, every operation inspects one of them and moves
+it back to ``live`` if its state still matters, or drops it. Once ``live`` has grown to
+twice the keys that survived the last drain, the dicts rotate and a new drain begins. So the
+table never holds much more than twice its working set, expired keys go within one
+cycle, and the cost is constant per operation with no pauses; a table whose key set is
+stable stops draining altogether.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ _ROTATE_AT = 64
 
 
 class _Table:
-    __slots__ = ("draining", "expires", "live", "step", "window")
+    __slots__ = ("draining", "expires", "floor", "kept", "live", "step", "window")
 
     def __init__(self, algorithm: str, window: float) -> None:
         self.live: dict[str, Any] = {}
         self.draining: dict[str, Any] = {}
         self.window = window
+        self.floor = _ROTATE_AT // 2
+        self.kept = 0  # keys of the current drain found alive again
         self.step: Step | None = STEPS.get(algorithm)
         self.expires: Callable[[Any, float], float] = EXPIRES[algorithm]
 
@@ -38,15 +42,22 @@ class _Table:
             state = self.draining.pop(key, None)
             if state is not None:
                 self.live[key] = state
+                self.kept += 1
         return state
 
     def tidy(self, now: float) -> None:
+        """Check one draining entry; rotate when ``live`` has doubled since the last drain."""
         draining = self.draining
         if draining:
             key, state = draining.popitem()
             if self.expires(state, self.window) > now and key not in self.live:
                 self.live[key] = state
-        elif len(self.live) >= _ROTATE_AT:
+                self.kept += 1
+            if not draining:
+                # only keys that outlived the drain set the bar, not keys new since it began
+                self.floor = max(self.kept, _ROTATE_AT // 2)
+                self.kept = 0
+        elif len(self.live) >= 2 * self.floor:
             self.draining, self.live = self.live, {}
 
     def __len__(self) -> int:
@@ -84,10 +95,12 @@ class MemoryCounters:
         if tables is None:
             tables = self.bind(specs)
         outcomes: list[Outcome] = []
-        blocked = False
+        previous: list[Any] = []
         with self._lock:
-            for spec, table, key in zip(specs, tables, keys, strict=True):
-                state = table.live.get(key)
+            # write as we go, since nearly every check admits; undo if a spec denies
+            for spec, table, key in zip(specs, tables, keys):  # noqa: B905 - equal by construction
+                live = table.live
+                state = live.get(key)
                 if state is None and table.draining:
                     state = table.get(key)
                 step = table.step
@@ -96,15 +109,46 @@ class MemoryCounters:
                 else:
                     outcome = step(state, now, spec[3], spec[2], spec[4], cost)
                 outcomes.append(outcome)
-                if not outcome[0] and spec[5]:
-                    blocked = True
-            if not blocked:
-                for table, key, outcome in zip(tables, keys, outcomes, strict=True):
-                    if outcome[0]:
-                        table.live[key] = outcome[1]
+                if outcome[0]:
+                    previous.append(state)
+                    live[key] = outcome[1]
+                elif spec[5]:
+                    self._undo(specs, tables, keys, outcomes, previous, cost, lease, now)
+                    break
             self._tick += 1
-            tables[self._tick % len(tables)].tidy(now)
+            table = tables[self._tick % len(tables)]
+            if table.draining or len(table.live) >= 2 * table.floor:
+                table.tidy(now)
         return outcomes
+
+    @staticmethod
+    def _undo(
+        specs: Sequence[CounterSpec],
+        tables: Sequence[_Table],
+        keys: Sequence[str],
+        outcomes: list[Outcome],
+        previous: list[Any],
+        cost: int,
+        lease: str | None,
+        now: float,
+    ) -> None:
+        """Restore what the admitted specs overwrote, then answer for the specs not yet
+        seen, against untouched state, so the caller can still report every rule."""
+        # newest first, so a counter named twice ends at its oldest state
+        admitted = [(t, k) for t, k, o in zip(tables, keys, outcomes, strict=False) if o[0]]
+        for (table, key), state in zip(reversed(admitted), reversed(previous), strict=True):
+            if state is None:
+                table.live.pop(key, None)
+            else:
+                table.live[key] = state
+        seen = len(outcomes)
+        for spec, table, key in zip(specs[seen:], tables[seen:], keys[seen:], strict=True):
+            state = table.get(key)
+            if table.step is None:
+                outcome = concurrency.acquire(state, now, spec[3], spec[2], cost, lease or "")
+            else:
+                outcome = table.step(state, now, spec[3], spec[2], spec[4], cost)
+            outcomes.append(outcome)
 
     def release_now(self, table: str, key: str, lease: str, now: float) -> None:
         with self._lock:

@@ -1,0 +1,64 @@
+"""Every conformance scenario against every counter store backend.
+
+``BACKENDS`` is the one table to extend: a Redis store is one more entry whose factory
+takes its server from a fixture (``request.getfixturevalue``) and yields a connected,
+empty store. Test ids read ``<backend>-<scenario>``, e.g. ``memory-fixed-window-resets``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import pytest
+
+from conformance import SCENARIOS, Scenario
+from tenantguard.stores import CounterStore, MemoryCounters
+
+
+@asynccontextmanager
+async def _memory(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
+    store = MemoryCounters()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+Backend = Callable[[pytest.FixtureRequest], AbstractAsyncContextManager[CounterStore]]
+
+BACKENDS: dict[str, Backend] = {
+    "memory": _memory,
+}
+
+KNOWN_ENGINE_BUGS: dict[str, str] = {}
+"""Scenario name → why it fails today; run as strict xfail so a fix is noticed."""
+
+
+def _cases() -> list[pytest.ParameterSet]:
+    cases = []
+    for backend in BACKENDS:
+        for name, scenario in SCENARIOS:
+            bug = KNOWN_ENGINE_BUGS.get(name)
+            marks = [pytest.mark.xfail(reason=bug, strict=True)] if bug else []
+            cases.append(pytest.param(backend, scenario, id=f"{backend}-{name}", marks=marks))
+    return cases
+
+
+@pytest.fixture
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
+    """A fresh, empty store of the backend named by the test's ``store`` parameter."""
+    backend: str = request.param
+    async with BACKENDS[backend](request) as counters:
+        yield counters
+
+
+def test_scenario_names_are_unique() -> None:
+    names = [name for name, _ in SCENARIOS]
+    assert len(names) == len(set(names))
+    assert set(KNOWN_ENGINE_BUGS) <= set(names)
+
+
+@pytest.mark.parametrize(("store", "scenario"), _cases(), indirect=["store"])
+async def test_conformance(store: CounterStore, scenario: Scenario) -> None:
+    await scenario(store)
