@@ -237,6 +237,19 @@ def test_recursive_anchor_is_a_policy_error() -> None:
         parse_policy("a: &a [*a]\n")
 
 
+def test_value_and_name_problems_are_reported_together(tmp_path: Path) -> None:
+    text = BASE.replace("window: 1m", "window: 1 minute").replace("pro: 20", "prro: 20") + rule(
+        "apps", "/other"
+    )
+    error = errors_of(text, tmp_path)
+    assert [issue.field for issue in error.issues] == [
+        "rate_limits[0] (apps).window",
+        "rate_limits[0] (apps).limits.prro",
+        "rate_limits[0] (apps).limits",
+        "rate_limits[1] (apps).name",
+    ]
+
+
 def test_unreadable_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match=r"missing\.yaml: cannot read"):
         load_policy(tmp_path / "missing.yaml")

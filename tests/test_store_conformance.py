@@ -13,7 +13,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import pytest
 
 from conformance import SCENARIOS, Scenario
-from tenantguard.stores import CounterStore, MemoryCounters
+from tenantguard.stores import CounterStore, MemoryCounters, open_counters
 
 
 @asynccontextmanager
@@ -25,10 +25,33 @@ async def _memory(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]
         await store.close()
 
 
+@asynccontextmanager
+async def _redis(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
+    url: str = request.getfixturevalue("redis_url")
+    store = open_counters(url + "?clock=local&timeout=5")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
+async def _cluster(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
+    url: str = request.getfixturevalue("redis_cluster_url")
+    seed = url.replace("redis://", "redis+cluster://", 1)
+    store = open_counters(seed + "?clock=local&timeout=5")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 Backend = Callable[[pytest.FixtureRequest], AbstractAsyncContextManager[CounterStore]]
 
 BACKENDS: dict[str, Backend] = {
     "memory": _memory,
+    "redis": _redis,
+    "cluster": _cluster,
 }
 
 KNOWN_ENGINE_BUGS: dict[str, str] = {}

@@ -1,6 +1,6 @@
 """Lease tokens: self-describing, so any replica can end a lease another one issued.
 
-A token is ``<random id>.<base64 JSON of [[rule, key], ...]>``. The random id is what
+A token is ``<random id>.<base64 JSON of [[rule, key, tenant], ...]>``. The random id is what
 makes a token unguessable; the rest only says where the lease is counted.
 """
 
@@ -20,17 +20,17 @@ def new_lease_id() -> str:
     return secrets.token_urlsafe(12)
 
 
-def encode_lease(lease_id: str, held: list[tuple[str, str]]) -> str:
+def encode_lease(lease_id: str, held: list[tuple[str, str, str]]) -> str:
     body = json.dumps(held, separators=(",", ":")).encode()
     return f"{lease_id}.{base64.urlsafe_b64encode(body).decode().rstrip('=')}"
 
 
-def decode_lease(token: str) -> tuple[str, list[tuple[str, str]]]:
+def decode_lease(token: str) -> tuple[str, list[tuple[str, str, str]]]:
     problem = UnknownLeaseError(f"not a lease token issued by tenantguard: {token[:64]!r}")
     lease_id, _, body = token.partition(".")
     try:
         held = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-        pairs = [(str(rule), str(key)) for rule, key in held]
+        pairs = [(str(rule), str(key), str(tenant)) for rule, key, tenant in held]
     except (ValueError, TypeError, binascii.Error) as error:
         raise problem from error
     if not lease_id or not isinstance(held, list):

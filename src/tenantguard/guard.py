@@ -14,12 +14,14 @@ from collections.abc import Callable, Mapping
 
 from tenantguard._effective import effective_limit
 from tenantguard._leases import decode_lease, encode_lease, new_lease_id
+from tenantguard._metrics import DEGRADED_DECISIONS
 from tenantguard._route_plan import RoutePlan
 from tenantguard._rules import CompiledRule
 from tenantguard.algorithms import NEVER, Outcome
 from tenantguard.decision import Decision, RuleCheck
-from tenantguard.policy import UNAVAILABLE, UNLIMITED, Policy
-from tenantguard.stores import CounterSpec, CounterStore, MemoryCounters
+from tenantguard.errors import StoreError
+from tenantguard.policy import UNAVAILABLE, Policy
+from tenantguard.stores import CounterSpec, CounterStore, MemoryCounters, open_counters
 from tenantguard.tenants import MemoryTenants, TenantRecord, TenantRecords
 
 __all__ = ["Guard"]
@@ -29,12 +31,7 @@ _PLAN_CACHE_SIZE = 16384
 
 
 def _open_counters(counters: str | CounterStore) -> CounterStore:
-    if not isinstance(counters, str):
-        return counters
-    if counters in ("memory", "memory://"):
-        return MemoryCounters()
-    scheme = counters.partition(":")[0] or counters
-    raise ValueError(f"counter store {scheme!r} is not supported; expected 'memory'")
+    return open_counters(counters) if isinstance(counters, str) else counters
 
 
 def table_id(rule: CompiledRule) -> str:
@@ -141,7 +138,10 @@ class Guard:
             if local is not None:
                 outcomes = local.apply_now(route.specs, keys, cost, lease, now, route.bound)
             else:
-                outcomes = await self._store.apply(route.specs, keys, cost, lease, now)
+                try:
+                    outcomes = await self._store.apply(route.specs, keys, cost, lease, now, tenant)
+                except StoreError as error:
+                    return self._degraded(tenant, plan, route, now, error)
         return self._decide(tenant, plan, route, keys, outcomes, cost, lease, now)
 
     async def release(self, lease: str | None) -> None:
@@ -150,12 +150,16 @@ class Guard:
             return
         lease_id, held = decode_lease(lease)
         now = self._clock()
-        for name, key in held:
+        for name, key, tenant in held:
             try:
                 rule = self.policy.rule(name)
             except KeyError:
                 continue
-            await self._store.release(table_id(rule), key, lease_id, now)
+            try:
+                await self._store.release(table_id(rule), key, lease_id, now, tenant)
+            except StoreError:
+                # the lease expires by itself after its ttl; releasing is an optimisation
+                continue
 
     async def close(self) -> None:
         await self._store.close()
@@ -179,7 +183,7 @@ class Guard:
         unavailable = None
         for rule in self.policy.routes.match(method, path):
             value, burst = effective_limit(rule, slot, record)
-            if value in (UNAVAILABLE, UNLIMITED):
+            if isinstance(value, str):  # unlimited or unavailable: no counter
                 check = RuleCheck(
                     rule.name,
                     rule.group,
@@ -199,11 +203,18 @@ class Guard:
                 if value == UNAVAILABLE and not rule.shadow and unavailable is None:
                     unavailable = check
                 continue
-            assert isinstance(value, int)
             rules.append(rule)
             window = rule.lease_ttl if rule.algorithm == "concurrency" else rule.window
             specs.append(
-                CounterSpec(table_id(rule), rule.algorithm, window, value, burst, not rule.shadow)
+                CounterSpec(
+                    table_id(rule),
+                    rule.algorithm,
+                    window,
+                    value,
+                    burst,
+                    not rule.shadow,
+                    "tenant" in rule.per,
+                )
             )
         route = RoutePlan(
             rules=tuple(rules),
@@ -219,6 +230,37 @@ class Guard:
             del self._plans[next(iter(self._plans))]
         self._plans[(method, path, slot)] = route
         return route
+
+    def _degraded(
+        self, tenant: str, plan: str, route: RoutePlan, now: float, error: StoreError
+    ) -> Decision:
+        """The counter store could not answer in time: follow ``on_store_error``.
+
+        ``allow`` admits with no rate-limit headers (nothing was counted); ``deny``
+        refuses with 429 and a one-second ``Retry-After``. Either way the decision says
+        ``degraded`` and why, and nothing is raised to the caller.
+        """
+        mode = self.policy.document.on_store_error
+        DEGRADED_DECISIONS.labels(mode=mode).inc()
+        reason = f"counter store unavailable ({error}); on_store_error: {mode}"
+        status, retry = (200, None) if mode == "allow" else (429, 1)
+        return Decision(
+            tenant,
+            plan,
+            status,
+            None,
+            None,
+            None,
+            None,
+            retry,
+            None,
+            reason,
+            self._styles,
+            now,
+            route.fixed,
+            None,
+            True,
+        )
 
     def _decide(
         self,
@@ -291,7 +333,7 @@ class Guard:
         lease = None
         if lease_id is not None:
             held = [
-                (rule.name, keys[i])
+                (rule.name, keys[i], tenant)
                 for i, rule in enumerate(route.rules)
                 if rule.algorithm == "concurrency"
             ]

@@ -57,12 +57,13 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
         ) from None
     if not isinstance(located.data, dict):
         raise PolicyError([PolicyIssue(source, 1, "", "expected a mapping with version, plans, …")])
+    issues = _Checker(located, source).run()
     try:
         document = PolicyDocument.model_validate(located.data)
     except ValidationError as error:
-        raise PolicyError(_validation_issues(error, located, source)) from None
-    issues = _Checker(document, located, source).run()
+        issues = _validation_issues(error, located, source) + issues
     if issues:
+        issues.sort(key=lambda issue: issue.line or 0)
         raise PolicyError(issues)
     return _compile(document, located, source)
 
@@ -139,56 +140,89 @@ def _keys_at(loc: Loc) -> list[str]:
     return [info.alias or name for name, info in model.model_fields.items()]
 
 
-class _Checker:
-    """Cross-field rules, each problem located at the field that breaks it."""
+def _items(data: Any, section: str) -> list[tuple[int, dict[str, Any]]]:
+    """The mapping entries of a list section, with their indices; anything else skipped
+    (its shape is already reported by validation)."""
+    items = data.get(section) if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return []
+    return [(index, item) for index, item in enumerate(items) if isinstance(item, dict)]
 
-    def __init__(self, document: PolicyDocument, located: Located, source: str) -> None:
-        self.document = document
+
+def _strings(value: Any) -> list[str]:
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
+
+
+class _Checker:
+    """Cross-field rules, each problem located at the field that breaks it.
+
+    It reads the raw data, not the validated document, so that it can run even when
+    some field failed validation: one ``check`` reports a bad window and a misspelt plan
+    together rather than one per edit.
+    """
+
+    def __init__(self, located: Located, source: str) -> None:
+        self.data = located.data
         self.located = located
         self.source = source
         self.issues: list[PolicyIssue] = []
-        self.plans = [plan.name for plan in document.plans]
+        self.plans = [
+            item["name"]
+            for _, item in _items(self.data, "plans")
+            if isinstance(item.get("name"), str)
+        ]
 
     def problem(self, loc: Loc, message: str) -> None:
         line = self.located.line_of(loc)
-        self.issues.append(PolicyIssue(self.source, line, _field(loc, self.located.data), message))
+        self.issues.append(PolicyIssue(self.source, line, _field(loc, self.data), message))
 
     def run(self) -> list[PolicyIssue]:
-        doc = self.document
-        self.unique([plan.name for plan in doc.plans], "plans", "plan")
-        if doc.default_plan not in self.plans:
+        plans = _items(self.data, "plans")
+        rules = _items(self.data, "rate_limits")
+        quotas = _items(self.data, "quotas")
+        self.unique(plans, "plans", "plan")
+        default = self.data.get("default_plan")
+        if isinstance(default, str) and self.plans and default not in self.plans:
             self.problem(
                 ("default_plan",), f"names no plan; expected one of: {', '.join(self.plans)}"
             )
-        self.unique([rule.name for rule in doc.rate_limits], "rate_limits", "rule")
-        self.unique([quota.name for quota in doc.quotas], "quotas", "quota")
-        for index, rule in enumerate(doc.rate_limits):
+        self.unique(rules, "rate_limits", "rule")
+        self.unique(quotas, "quotas", "quota")
+        for index, rule in rules:
             self.rate_limit(index, rule)
-        quota_names = {quota.name: quota for quota in doc.quotas}
-        for index, quota in enumerate(doc.quotas):
-            self.per_plan(("quotas", index, "limits"), quota.limits)
-            for position, target in enumerate(quota.counts_toward):
+        by_name = {
+            quota["name"]: quota for _, quota in quotas if isinstance(quota.get("name"), str)
+        }
+        for index, quota in quotas:
+            self.per_plan(("quotas", index, "limits"), quota.get("limits"))
+            for position, target in enumerate(_strings(quota.get("counts_toward"))):
                 loc: Loc = ("quotas", index, "counts_toward", position)
-                if target not in quota_names:
+                if target not in by_name:
                     self.problem(
-                        loc, f"names no quota {target!r}; expected one of: {', '.join(quota_names)}"
+                        loc, f"names no quota {target!r}; expected one of: {', '.join(by_name)}"
                     )
-                elif target == quota.name:
+                elif target == quota.get("name"):
                     self.problem(loc, "a quota cannot count toward itself")
-                elif quota_names[target].period != quota.period:
+                elif by_name[target].get("period") != quota.get("period"):
+                    theirs = by_name[target].get("period") or "lifetime"
                     self.problem(
                         loc,
-                        f"{target!r} is counted per {quota_names[target].period or 'lifetime'}, "
-                        f"this quota per {quota.period or 'lifetime'}; both must agree",
+                        f"{target!r} is counted per {theirs}, this quota per "
+                        f"{quota.get('period') or 'lifetime'}; both must agree",
                     )
-        self.cycles(quota_names)
-        for name, values in doc.entitlements.items():
-            self.per_plan(("entitlements", name), values)
+        self.cycles(quotas, by_name)
+        entitlements = self.data.get("entitlements")
+        if isinstance(entitlements, dict):
+            for name, values in entitlements.items():
+                self.per_plan(("entitlements", name), values)
         return self.issues
 
-    def unique(self, names: list[str], section: str, what: str) -> None:
+    def unique(self, items: list[tuple[int, dict[str, Any]]], section: str, what: str) -> None:
         first: dict[str, int] = {}
-        for index, name in enumerate(names):
+        for index, item in items:
+            name = item.get("name")
+            if not isinstance(name, str):
+                continue
             if name in first:
                 self.problem(
                     (section, index, "name"),
@@ -197,7 +231,9 @@ class _Checker:
             else:
                 first[name] = index
 
-    def per_plan(self, loc: Loc, values: dict[str, Any], *, required: bool = True) -> None:
+    def per_plan(self, loc: Loc, values: Any, *, required: bool = True) -> None:
+        if not isinstance(values, dict) or not self.plans:
+            return
         for key in values:
             if key != "default" and key not in self.plans:
                 self.problem(
@@ -212,45 +248,47 @@ class _Checker:
                 "give each plan a value or add 'default'",
             )
 
-    def rate_limit(self, index: int, rule: RateLimit) -> None:
+    def rate_limit(self, index: int, rule: dict[str, Any]) -> None:
         loc: Loc = ("rate_limits", index)
-        self.per_plan((*loc, "limits"), rule.limits)
-        if rule.burst is not None:
-            self.per_plan((*loc, "burst"), rule.burst, required=False)
-            if rule.algorithm not in ("token-bucket", "gcra"):
+        algorithm = rule.get("algorithm", "fixed-window")
+        self.per_plan((*loc, "limits"), rule.get("limits"))
+        if rule.get("burst") is not None:
+            self.per_plan((*loc, "burst"), rule["burst"], required=False)
+            if algorithm not in ("token-bucket", "gcra"):
                 self.problem(
-                    (*loc, "burst"), f"burst applies to token-bucket and gcra, not {rule.algorithm}"
+                    (*loc, "burst"), f"burst applies to token-bucket and gcra, not {algorithm}"
                 )
-        if rule.algorithm == "concurrency":
-            if rule.window is not None:
+        if algorithm == "concurrency":
+            if "window" in rule:
                 self.problem(
                     (*loc, "window"),
                     "a concurrency rule has no window; use lease_ttl for how long an "
                     "unreleased lease holds its slot",
                 )
         else:
-            if rule.window is None:
+            if "window" not in rule:
                 self.problem(
-                    loc, f"window is required for {rule.algorithm}; expected a duration such as 1m"
+                    loc, f"window is required for {algorithm}; expected a duration such as 1m"
                 )
-            if rule.lease_ttl is not None:
+            if "lease_ttl" in rule:
                 self.problem((*loc, "lease_ttl"), "lease_ttl applies to concurrency rules only")
 
-    def cycles(self, quotas: dict[str, Any]) -> None:
-        for index, quota in enumerate(self.document.quotas):
-            seen, todo = set(), list(quota.counts_toward)
+    def cycles(self, quotas: list[tuple[int, dict[str, Any]]], by_name: dict[str, Any]) -> None:
+        for index, quota in quotas:
+            seen: set[str] = set()
+            todo = _strings(quota.get("counts_toward"))
             while todo:
                 name = todo.pop()
-                if name == quota.name:
+                if name == quota.get("name"):
                     self.problem(
                         ("quotas", index, "counts_toward"),
                         "counts_toward forms a cycle back to this quota",
                     )
                     break
-                if name in seen or name not in quotas:
+                if name in seen or name not in by_name:
                     continue
                 seen.add(name)
-                todo.extend(quotas[name].counts_toward)
+                todo.extend(_strings(by_name[name].get("counts_toward")))
 
 
 def _compile(document: PolicyDocument, located: Located, source: str) -> Policy:

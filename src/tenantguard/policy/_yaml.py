@@ -88,7 +88,8 @@ def _convert(loader: yaml.SafeLoader, node: Node, path: Path, lines: dict[Path, 
         return [
             _convert(loader, item, (*path, index), lines) for index, item in enumerate(node.value)
         ]
-    assert isinstance(node, ScalarNode)
+    if not isinstance(node, ScalarNode):
+        raise YamlError(node.start_mark.line + 1, _dotted(path), "unsupported YAML node")
     return loader.construct_object(node, deep=True)
 
 

@@ -22,6 +22,8 @@ class CounterSpec(NamedTuple):
     ``table`` names the counters (``rule|algorithm|window``), so they survive a policy
     reload that keeps all three. ``window`` is the lease time-to-live for concurrency.
     ``enforce`` is false for shadow rules: their denial is reported but blocks nothing.
+    ``scoped`` says the rule's key includes the tenant, so a distributed store may keep
+    it beside the tenant's other counters (one Redis Cluster slot per tenant).
     """
 
     table: str
@@ -30,6 +32,7 @@ class CounterSpec(NamedTuple):
     limit: int
     burst: int
     enforce: bool
+    scoped: bool = True
 
 
 class CounterStore(Protocol):
@@ -40,15 +43,16 @@ class CounterStore(Protocol):
         cost: int,
         lease: str | None,
         now: float,
+        tenant: str = "",
     ) -> list[Outcome]:
         """All-or-nothing: if any enforced spec denies, nothing is consumed.
 
         ``keys[i]`` is the counter key for ``specs[i]``; ``lease`` identifies the lease
-        that concurrency specs record.
+        that concurrency specs record; ``tenant`` is whom the decision is for.
         """
         ...
 
-    async def release(self, table: str, key: str, lease: str, now: float) -> None:
+    async def release(self, table: str, key: str, lease: str, now: float, tenant: str = "") -> None:
         """End a concurrency lease; unknown or expired leases are ignored."""
         ...
 

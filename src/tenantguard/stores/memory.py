@@ -92,6 +92,7 @@ class MemoryCounters:
         now: float,
         tables: Sequence[_Table] | None = None,
     ) -> list[Outcome]:
+        """``apply`` without the coroutine; ``tables`` from ``bind`` skips a lookup."""
         if tables is None:
             tables = self.bind(specs)
         outcomes: list[Outcome] = []
@@ -166,10 +167,11 @@ class MemoryCounters:
         cost: int,
         lease: str | None,
         now: float,
+        tenant: str = "",
     ) -> list[Outcome]:
         return self.apply_now(specs, keys, cost, lease, now)
 
-    async def release(self, table: str, key: str, lease: str, now: float) -> None:
+    async def release(self, table: str, key: str, lease: str, now: float, tenant: str = "") -> None:
         self.release_now(table, key, lease, now)
 
     async def close(self) -> None:

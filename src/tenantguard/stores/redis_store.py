@@ -1,0 +1,356 @@
+"""Counters in Redis, Redis Cluster or a Sentinel-managed Redis.
+
+Every decision is one script call (EVALSHA of ``counters.lua``, which ports the pure
+algorithms line for line): all of a decision's keys carry the same ``{hash tag}``, the
+tenant's, so they share a cluster slot and the script can touch them all atomically.
+Concurrent calls from one process are gathered into one pipeline per event-loop turn
+(auto-pipelining), so throughput grows with concurrency instead of paying one round
+trip per check. A circuit breaker stops waiting on a dead server and probes for its
+return; every failure surfaces as ``StoreError`` for the guard to handle by policy.
+
+URLs: ``redis://host:port/db``, ``rediss://…`` (TLS), ``redis+cluster://host:port`` (any
+seed node), ``redis+sentinel://host:port[,host:port]/service[/db]``. Query options:
+``timeout`` (seconds per call, default 0.25) and ``clock`` (``server``, the default:
+the script reads Redis ``TIME`` so every replica shares one clock; ``local``: the
+caller's ``now`` is used, which is what tests inject).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
+
+from redis import asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from tenantguard._metrics import STORE_ERRORS
+from tenantguard.algorithms import Outcome
+from tenantguard.errors import StoreError
+from tenantguard.stores._base import CounterSpec
+from tenantguard.stores._breaker import CircuitBreaker
+
+__all__ = ["RedisCounters", "counter_key"]
+
+SCRIPT = resources.files("tenantguard.stores").joinpath("counters.lua").read_text()
+_CODES = {
+    "fixed-window": "f",
+    "sliding-window": "s",
+    "token-bucket": "t",
+    "gcra": "g",
+    "concurrency": "c",
+}
+_PREFIX = "tg"
+
+
+def _part(text: str) -> str:
+    """Percent-encode every byte but letters, digits and ``_.-~``.
+
+    So a braces, colons, ``*``, spaces or unicode in a tenant id can neither end the hash
+    tag early nor make two different (tag, table, key) triples spell one Redis key.
+    """
+    return quote(text, safe="")
+
+
+def counter_key(tenant: str, table: str, key: str, *, scoped: bool) -> str:
+    """``tg:{tenant}:table[:key]``; counters not keyed by tenant tag by their own key."""
+    if scoped:
+        tag = _part(tenant)
+        return f"{_PREFIX}:{{{tag}}}:{_part(table)}" + ("" if key == tenant else f":{_part(key)}")
+    tag = "~" + _part(key)
+    return f"{_PREFIX}:{{{tag}}}:{_part(table)}"
+
+
+def _tag(redis_key: str) -> str:
+    return redis_key[redis_key.index("{") : redis_key.index("}") + 1]
+
+
+class _Call:
+    __slots__ = ("args", "future", "keys")
+
+    def __init__(self, keys: list[str], args: list[str], future: asyncio.Future[Any]) -> None:
+        self.keys = keys
+        self.args = args
+        self.future = future
+
+
+class RedisCounters:
+    """The ``CounterStore`` on Redis. Build with ``RedisCounters.from_url``."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        cluster: bool = False,
+        timeout: float = 0.25,
+        server_clock: bool = True,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self._client = client
+        self._cluster = cluster
+        self._timeout = timeout
+        self._server_clock = server_clock
+        self.breaker = breaker or CircuitBreaker()
+        self._sha: str | None = None
+        self._queue: list[_Call] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._node_options: dict[str, Any] = {}
+        self._nodes: dict[str, Any] = {}
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisCounters:
+        parts = urlsplit(url)
+        query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        timeout = float(query.pop("timeout", options.pop("timeout", 0.25)))
+        clock = query.pop("clock", "server")
+        if clock not in ("server", "local"):
+            raise ValueError(f"clock={clock!r}: expected server or local")
+        common: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "decode_responses": True,
+        }
+        rest = "&".join(f"{key}={value}" for key, value in query.items())
+        scheme = parts.scheme
+        if scheme in ("redis", "rediss", "unix"):
+            plain = urlunsplit((scheme, parts.netloc, parts.path, rest, ""))
+            client: Any = aioredis.Redis.from_url(plain, **common)
+            cluster = False
+        elif scheme in ("redis+cluster", "rediss+cluster"):
+            plain = urlunsplit((scheme.split("+")[0], parts.netloc, parts.path, rest, ""))
+            client = RedisCluster.from_url(plain, **common)
+            cluster = True
+        elif scheme == "redis+sentinel":
+            hosts = []
+            for host in parts.netloc.rpartition("@")[2].split(","):
+                name, _, port = host.partition(":")
+                hosts.append((name, int(port or 26379)))
+            pieces = [piece for piece in parts.path.split("/") if piece]
+            if not pieces:
+                raise ValueError("redis+sentinel:// needs the service name: /service[/db]")
+            db = int(pieces[1]) if len(pieces) > 1 else 0
+            sentinel = Sentinel(hosts, **common)  # type: ignore[no-untyped-call]
+            client = sentinel.master_for(pieces[0], db=db, **common)
+            cluster = False
+        else:
+            raise ValueError(
+                f"counter store {scheme!r} is not supported; expected memory, redis, rediss, "
+                "redis+cluster or redis+sentinel"
+            )
+        store = cls(
+            client, cluster=cluster, timeout=timeout, server_clock=clock == "server", **options
+        )
+        store._node_options = {**common, "ssl": scheme.startswith("rediss")}
+        return store
+
+    # -- the CounterStore interface -------------------------------------------------------
+
+    async def apply(
+        self,
+        specs: Sequence[CounterSpec],
+        keys: Sequence[str],
+        cost: int,
+        lease: str | None,
+        now: float,
+        tenant: str = "",
+    ) -> list[Outcome]:
+        redis_keys = [
+            counter_key(tenant or key, spec[0], key, scoped=bool(tenant) and spec[6])
+            for spec, key in zip(specs, keys, strict=True)
+        ]
+        clock = "" if self._server_clock else repr(now)
+        if not self._cluster or len({_tag(key) for key in redis_keys}) == 1:
+            reply = await self._call(redis_keys, self._argv("apply", clock, cost, lease, specs))
+            return _outcomes(reply)
+        return await self._apply_across_slots(specs, redis_keys, cost, lease, clock)
+
+    async def release(self, table: str, key: str, lease: str, now: float, tenant: str = "") -> None:
+        redis_key = counter_key(tenant or key, table, key, scoped=bool(tenant))
+        clock = "" if self._server_clock else repr(now)
+        await self._call([redis_key], ["release", clock, lease])
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for node in self._nodes.values():
+            await node.aclose()
+        await self._client.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self._client.ping(), self._timeout))
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    # -- internals ------------------------------------------------------------------------
+
+    @staticmethod
+    def _argv(
+        op: str, clock: str, cost: int, lease: str | None, specs: Sequence[CounterSpec]
+    ) -> list[str]:
+        argv = [op, clock, str(cost), lease or ""]
+        for spec in specs:
+            argv += [
+                _CODES[spec[1]],
+                str(spec[3]),
+                repr(spec[2]),
+                str(spec[4]),
+                "1" if spec[5] else "0",
+            ]
+        return argv
+
+    async def _apply_across_slots(
+        self,
+        specs: Sequence[CounterSpec],
+        redis_keys: list[str],
+        cost: int,
+        lease: str | None,
+        clock: str,
+    ) -> list[Outcome]:
+        """Cluster only: a decision whose rules live in several slots (a rule keyed by IP
+        alone, say) is applied slot by slot. If a later slot denies, the earlier slots
+        are given back (``restore`` writes the old state only where nothing else wrote
+        since), so nothing over-admits; then the rest are answered without writing."""
+        groups: dict[str, list[int]] = {}
+        for index, key in enumerate(redis_keys):
+            groups.setdefault(_tag(key), []).append(index)
+        outcomes: list[Outcome | None] = [None] * len(specs)
+        undo: list[tuple[list[str], list[str]]] = []
+        blocked = False
+        for indices in groups.values():
+            keys = [redis_keys[i] for i in indices]
+            chosen = [specs[i] for i in indices]
+            op = "probe" if blocked else "apply+undo"
+            reply = await self._call(keys, self._argv(op, clock, cost, lease, chosen))
+            answered = _outcomes(reply[:-1] if op == "apply+undo" else reply)
+            for i, outcome in zip(indices, answered, strict=True):
+                outcomes[i] = outcome
+            if op == "apply+undo":
+                written = reply[-1]
+                if any(not o[0] and s[5] for o, s in zip(answered, chosen, strict=True)):
+                    blocked = True
+                elif written:
+                    undo.append((keys, ["restore", clock, *written]))
+        if blocked:
+            for keys, argv in undo:
+                await self._call(keys, argv)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _call(self, keys: list[str], args: list[str]) -> Any:
+        if not self.breaker.allow():
+            STORE_ERRORS.labels(store="redis", kind="circuit_open").inc()
+            raise StoreError("counter store circuit is open after repeated failures")
+        loop = asyncio.get_running_loop()
+        call = _Call(keys, args, loop.create_future())
+        self._queue.append(call)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await call.future
+
+    def _flush(self) -> None:
+        """Send every call queued during this loop turn as one pipeline."""
+        self._scheduled = False
+        batch, self._queue = self._queue, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        try:
+            replies = await asyncio.wait_for(self._pipeline(batch), self._timeout)
+        except Exception as error:  # every failure must reach the callers, never hang them
+            self.breaker.failure()
+            kind = "timeout" if isinstance(error, TimeoutError) else type(error).__name__
+            STORE_ERRORS.labels(store="redis", kind=kind).inc()
+            for call in batch:
+                if not call.future.done():
+                    call.future.set_exception(StoreError(f"counter store failed: {error!r}"))
+            return
+        self.breaker.success()
+        for call, reply in zip(batch, replies, strict=True):
+            if call.future.done():
+                continue
+            if isinstance(reply, Exception):
+                call.future.set_exception(StoreError(f"counter script failed: {reply}"))
+            else:
+                call.future.set_result(reply)
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        if self._sha is None:
+            self._sha = await self._load()
+        replies = await self._execute(batch)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            # a restart or failover forgot the script: load it again, resend those calls
+            self._sha = await self._load()
+            again = await self._execute([batch[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _load(self) -> str:
+        loaded = await self._client.script_load(SCRIPT)
+        # a cluster loads it on every primary and may answer per node
+        return str(next(iter(loaded.values())) if isinstance(loaded, dict) else loaded)
+
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
+        if not self._cluster:
+            return await self._pipe(self._client, batch)
+        # the cluster client will not pipeline scripts, so pipeline per owning node
+        groups: dict[str, list[int]] = {}
+        owners: dict[str, Any] = {}
+        for index, call in enumerate(batch):
+            node = self._client.get_node_from_key(call.keys[0])
+            groups.setdefault(node.name, []).append(index)
+            owners[node.name] = node
+        replies: list[Any] = [None] * len(batch)
+
+        async def run(name: str, indices: list[int]) -> None:
+            node = owners[name]
+            client = self._nodes.get(name)
+            if client is None:
+                client = aioredis.Redis(host=node.host, port=node.port, **self._node_options)
+                self._nodes[name] = client
+            answers = await self._pipe(client, [batch[i] for i in indices])
+            for i, answer in zip(indices, answers, strict=True):
+                replies[i] = answer
+
+        await asyncio.gather(*(run(name, indices) for name, indices in groups.items()))
+        moved = [
+            i
+            for i, reply in enumerate(replies)
+            if isinstance(reply, ResponseError) and str(reply).startswith(("MOVED", "ASK"))
+        ]
+        if moved:
+            # slots moved (resharding, failover): learn the new map, let the cluster
+            # client follow redirects for these few
+            await self._client.nodes_manager.initialize()
+            for i in moved:
+                call = batch[i]
+                try:
+                    replies[i] = await self._client.evalsha(
+                        self._sha, len(call.keys), *call.keys, *call.args
+                    )
+                except ResponseError as error:
+                    replies[i] = error
+        return replies
+
+    async def _pipe(self, client: Any, batch: list[_Call]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for call in batch:
+            pipe.evalsha(self._sha, len(call.keys), *call.keys, *call.args)
+        return list(await pipe.execute(raise_on_error=False))
+
+
+def _outcomes(reply: list[Any]) -> list[Outcome]:
+    """Script replies to outcome tuples (the state stays in Redis: ``None`` here)."""
+    out: list[Outcome] = []
+    for allowed, remaining, reset, retry in reply[1:]:
+        out.append((allowed == 1, None, int(remaining), float(reset), float(retry)))
+    return out

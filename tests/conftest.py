@@ -1,0 +1,50 @@
+"""Real servers for the tests: one Redis and one 3-node Redis Cluster per session.
+
+Both start on free loopback ports the first time a test asks for them and stop at the
+end of the session. Missing binaries fail the tests (a skip would hide a missing
+feature); ``scripts/install-servers`` installs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from servers import RedisCluster, RedisServer, ServersMissingError, require_redis
+
+
+def _require_redis() -> None:
+    try:
+        require_redis()
+    except ServersMissingError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    _require_redis()
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    _require_redis()
+    with RedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session's Redis server, emptied for this test."""
+    with redis_server.client() as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisCluster) -> str:
+    """Seed-node URL of the session's Redis Cluster, every master emptied for this test."""
+    redis_cluster.flushall()
+    return redis_cluster.url

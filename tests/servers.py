@@ -1,0 +1,363 @@
+"""Start and stop real Redis servers for the tests, on free loopback ports.
+
+`RedisServer` is one ``redis-server`` process; `RedisCluster` is three cluster-enabled
+masters joined with ``redis-cli --cluster create``. Both are context managers and leave
+nothing running behind them: each process is stopped on exit, and an ``atexit`` hook
+kills any that a crashed session did not stop. No persistence: every start is empty.
+
+The binaries come from ``scripts/install-servers``; `require_redis` says so when missing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+import redis
+
+STARTUP_TIMEOUT = 10.0
+POLL_INTERVAL = 0.02
+STOP_TIMEOUT = 5.0
+CLUSTER_SLOTS = 16384
+# A port the kernel handed out can be taken again before redis-server binds it.
+PORT_ATTEMPTS = 3
+
+_running: set[RedisServer] = set()
+
+
+class ServersMissingError(RuntimeError):
+    """``redis-server`` or ``redis-cli`` is not installed."""
+
+
+class ServerStartError(RuntimeError):
+    """A server did not come up; the message ends with the tail of its log."""
+
+
+def require_redis() -> None:
+    """Raise `ServersMissingError` unless redis-server and redis-cli are on PATH."""
+    missing = [name for name in ("redis-server", "redis-cli") if shutil.which(name) is None]
+    if missing:
+        raise ServersMissingError(
+            f"{' and '.join(missing)} not found on PATH; the Redis tests run against real "
+            "servers. Install them with: scripts/install-servers"
+        )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def _client(port: int) -> redis.Redis:
+    return redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        socket_connect_timeout=1.0,
+        socket_timeout=1.0,
+        decode_responses=True,
+    )
+
+
+class RedisServer:
+    """One ``redis-server`` on 127.0.0.1, without persistence, in its own temp dir.
+
+    ``port=None`` picks a free port on the first start; `start` after `stop` or `kill`
+    reuses the same port, so clients configured with `url` reconnect to the new process.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        directory: Path | None = None,
+    ) -> None:
+        self._fixed_port = port is not None
+        self.port = port if port is not None else free_port()
+        self.extra_args = tuple(extra_args)
+        self._own_dir = directory is None
+        self.directory = (
+            directory
+            if directory is not None
+            else Path(tempfile.mkdtemp(prefix="tenantguard-redis-"))
+        )
+        self.log_path = self.directory / "redis.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def client(self) -> redis.Redis:
+        """A new sync client for this server (strings decoded); close it after use."""
+        return _client(self.port)
+
+    def start(self) -> Self:
+        """Start the process; return once it answers PING and INFO names its pid."""
+        if self.running:
+            raise RuntimeError(f"redis-server on port {self.port} is already running")
+        self.kill()  # reap a process that exited on its own
+        require_redis()
+        attempt = 1
+        while True:
+            try:
+                self._wait_ready(self._spawn())
+            except ServerStartError:
+                in_use = "Address already in use" in _log_tail(self.log_path)
+                self.kill()
+                if self._fixed_port or not in_use or attempt == PORT_ATTEMPTS:
+                    raise
+                self.port = free_port()
+                attempt += 1
+            else:
+                return self
+
+    def stop(self) -> None:
+        """SIGTERM, wait up to 5 s, then SIGKILL. Does nothing if not running."""
+        self._terminate(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL at once, as a crash would; the port stays reserved for `start`."""
+        self._terminate(signal.SIGKILL)
+
+    def close(self) -> None:
+        """Stop the process and remove the temp dir."""
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        argv = [
+            "redis-server",
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.directory),
+            "--daemonize", "no",
+            "--protected-mode", "no",
+            *self.extra_args,
+        ]  # fmt: skip
+        self._log = self.log_path.open("ab")
+        self._log.write(f"--- {' '.join(argv)}\n".encode())
+        self._log.flush()
+        self._process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.directory,
+        )
+        _running.add(self)
+        return self._process
+
+    def _wait_ready(self, process: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                self._fail(f"exited with status {process.returncode}")
+            try:
+                with self.client() as client:
+                    # Another server may hold the port; ours exits then, and poll() sees it.
+                    if client.ping() and client.info("server")["process_id"] == process.pid:
+                        return
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+                pass
+            if time.monotonic() >= deadline:
+                self._fail(f"did not answer PING within {STARTUP_TIMEOUT:g} s")
+            time.sleep(POLL_INTERVAL)
+
+    def _fail(self, what: str) -> None:
+        raise ServerStartError(
+            f"redis-server on 127.0.0.1:{self.port} {what}; "
+            f"last lines of {self.log_path}:\n{_log_tail(self.log_path)}"
+        )
+
+    def _terminate(self, sig: signal.Signals) -> None:
+        process, self._process = self._process, None
+        _running.discard(self)
+        if process is not None and process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        elif process is not None:
+            process.wait()  # already exited: reap it
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class RedisCluster:
+    """Three cluster-enabled masters on free loopback ports, no replicas.
+
+    `url` names the first node as the seed; a cluster client discovers the others.
+    """
+
+    NODES = 3
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="tenantguard-redis-cluster-"))
+        self.nodes: list[RedisServer] = []
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> Self:
+        require_redis()
+        for index in range(self.NODES):
+            node_dir = self.directory / f"node{index}"
+            node_dir.mkdir()
+            node = RedisServer(
+                directory=node_dir,
+                extra_args=(
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", str(node_dir / "nodes.conf"),
+                    "--cluster-node-timeout", "2000",
+                    # The bus port defaults to port + 10000, which may be taken or
+                    # above 65535; ask the kernel for one instead.
+                    "--cluster-port", str(free_port()),
+                ),
+            )  # fmt: skip
+            self.nodes.append(node)
+            node.start()
+        self._create()
+        self._wait_ok()
+        return self
+
+    def flushall(self) -> None:
+        """Empty every master."""
+        for node in self.nodes:
+            with node.client() as client:
+                client.flushall()
+
+    def stop(self) -> None:
+        """Stop every node and remove the temp dir."""
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _create(self) -> None:
+        argv = [
+            "redis-cli", "--cluster", "create",
+            *(f"127.0.0.1:{port}" for port in self.ports),
+            "--cluster-replicas", "0", "--cluster-yes",
+        ]  # fmt: skip
+        log_path = self.directory / "cluster-create.log"
+        with log_path.open("wb") as log:
+            try:
+                result = subprocess.run(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=30,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                returncode: int | str = "timeout after 30 s"
+            else:
+                returncode = result.returncode
+        if returncode != 0:
+            raise ServerStartError(
+                f"{' '.join(argv)} failed ({returncode}); last lines of {log_path}:\n"
+                f"{_log_tail(log_path)}"
+            )
+
+    def _wait_ok(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            states = [self._state(node) for node in self.nodes]
+            if all(
+                state.get("cluster_state") == "ok"
+                and int(state.get("cluster_slots_assigned", 0)) == CLUSTER_SLOTS
+                and int(state.get("cluster_known_nodes", 0)) == self.NODES
+                for state in states
+            ):
+                return
+            if time.monotonic() >= deadline:
+                logs = "\n".join(
+                    f"--- {node.log_path}:\n{_log_tail(node.log_path, 10)}" for node in self.nodes
+                )
+                raise ServerStartError(
+                    f"cluster on ports {self.ports} not ok within {STARTUP_TIMEOUT:g} s; "
+                    f"CLUSTER INFO per node: {states}\n{logs}"
+                )
+            time.sleep(POLL_INTERVAL)
+
+    @staticmethod
+    def _state(node: RedisServer) -> dict[str, Any]:
+        with node.client() as client:
+            info = client.cluster("INFO")
+        if isinstance(info, str):  # not parsed by redis-py's callback
+            pairs = (line.split(":", 1) for line in info.splitlines() if ":" in line)
+            return {key: value.strip() for key, value in pairs}
+        return dict(info)
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for server in list(_running):
+        server.kill()
