@@ -1,6 +1,7 @@
-"""Real servers for the tests: one Redis and one 3-node Redis Cluster per session.
+"""Real servers for the tests: one Redis, one 3-node Redis Cluster and one Sentinel-managed
+Redis per session.
 
-Both start on free loopback ports the first time a test asks for them and stop at the
+All start on free loopback ports the first time a test asks for them and stop at the
 end of the session. Missing binaries fail the tests (a skip would hide a missing
 feature); ``scripts/install-servers`` installs them.
 """
@@ -11,7 +12,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from servers import RedisCluster, RedisServer, ServersMissingError, require_redis
+from servers import (
+    RedisCluster,
+    RedisSentinel,
+    RedisServer,
+    ServersMissingError,
+    require_redis,
+)
 
 
 def _require_redis() -> None:
@@ -48,3 +55,19 @@ def redis_cluster_url(redis_cluster: RedisCluster) -> str:
     """Seed-node URL of the session's Redis Cluster, every master emptied for this test."""
     redis_cluster.flushall()
     return redis_cluster.url
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinel]:
+    """A sentinel monitoring its own dedicated Redis (``.master``) as ``mymaster``."""
+    _require_redis()
+    with RedisServer() as master, RedisSentinel(master) as sentinel:
+        yield sentinel
+
+
+@pytest.fixture
+def redis_sentinel_url(redis_sentinel: RedisSentinel) -> str:
+    """``redis+sentinel://127.0.0.1:<port>/mymaster``, its master emptied for this test."""
+    with redis_sentinel.master.client() as client:
+        client.flushall()
+    return redis_sentinel.service_url

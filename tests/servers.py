@@ -361,3 +361,64 @@ class RedisCluster:
 def _kill_leftovers() -> None:
     for server in list(_running):
         server.kill()
+
+
+class RedisSentinel(RedisServer):
+    """One ``redis-server --sentinel`` on 127.0.0.1 that monitors ``master`` as ``service``.
+
+    Quorum 1, so this sentinel alone decides; `start` returns once it reports the master
+    up. The config file lives in the sentinel's own temp dir (sentinel rewrites it).
+    `url` talks to the sentinel itself; `service_url` is the counter-store URL.
+    """
+
+    def __init__(self, master: RedisServer, *, service: str = "mymaster") -> None:
+        super().__init__()
+        self.master = master
+        self.service = service
+        self.config_path = self.directory / "sentinel.conf"
+
+    @property
+    def service_url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}"
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self.config_path.write_text(
+            f"port {self.port}\n"
+            "bind 127.0.0.1\n"
+            "protected-mode no\n"
+            "daemonize no\n"
+            f'dir "{self.directory}"\n'
+            f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 1\n"
+            f"sentinel down-after-milliseconds {self.service} 5000\n"
+            f"sentinel failover-timeout {self.service} 60000\n"
+        )
+        argv = ["redis-server", str(self.config_path), "--sentinel"]
+        self._log = self.log_path.open("ab")
+        self._log.write(f"--- {' '.join(argv)}\n".encode())
+        self._log.flush()
+        self._process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.directory,
+        )
+        _running.add(self)
+        return self._process
+
+    def _wait_ready(self, process: subprocess.Popen[bytes]) -> None:
+        super()._wait_ready(process)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            try:
+                with self.client() as client:
+                    state = client.sentinel_master(self.service)
+                if state["is_master"] and not (state["is_sdown"] or state["is_disconnected"]):
+                    return
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+                state = None
+            if time.monotonic() >= deadline:
+                self._fail(
+                    f"did not report {self.service} up within {STARTUP_TIMEOUT:g} s: {state}"
+                )
+            time.sleep(POLL_INTERVAL)

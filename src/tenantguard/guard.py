@@ -155,8 +155,9 @@ class Guard:
                 rule = self.policy.rule(name)
             except KeyError:
                 continue
+            owner = tenant if "tenant" in rule.per else ""  # as the check keyed it
             try:
-                await self._store.release(table_id(rule), key, lease_id, now, tenant)
+                await self._store.release(table_id(rule), key, lease_id, now, owner)
             except StoreError:
                 # the lease expires by itself after its ttl; releasing is an optimisation
                 continue
@@ -308,9 +309,7 @@ class Guard:
             name = route.rules[denied].name
             if wait == NEVER:
                 retry_after = None
-                reason = (
-                    f"cost {cost} exceeds the {_ceiling(spec)} that rule {name!r} can ever admit"
-                )
+                reason = _never_reason(cost, spec, name)
             else:
                 retry_after = max(math.ceil(wait), 1)
                 reason = f"rate limit {name!r} exceeded"
@@ -340,38 +339,14 @@ class Guard:
             lease = encode_lease(lease_id, held)
         if bound < 0:
             return Decision(
-                tenant,
-                plan,
-                200,
-                None,
-                None,
-                None,
-                None,
-                None,
-                lease,
-                None,
-                self._styles,
-                now,
-                checks,
-                _build_checks,
-            )
+                tenant, plan, 200, None, None, None, None, None, lease, None,
+                self._styles, now, checks, _build_checks,
+            )  # fmt: skip
         outcome = outcomes[bound]
         return Decision(
-            tenant,
-            plan,
-            200,
-            route.rules[bound].name,
-            specs[bound][3],
-            outcome[2],
-            outcome[3],
-            None,
-            lease,
-            None,
-            self._styles,
-            now,
-            checks,
-            _build_checks,
-        )
+            tenant, plan, 200, route.rules[bound].name, specs[bound][3], outcome[2], outcome[3],
+            None, lease, None, self._styles, now, checks, _build_checks,
+        )  # fmt: skip
 
 
 def _never_reason(cost: int, spec: CounterSpec, name: str) -> str:

@@ -35,15 +35,21 @@ class CircuitBreaker:
         return "half-open" if self._probing else "open"
 
     def allow(self) -> bool:
-        """May a call go to the store now? (At most one probe while half-open.)"""
+        """May a call go to the store now? Closed: yes. Open: no, until the cooldown ends.
+
+        Then this call becomes the probe (half-open) and the cooldown restarts, so others
+        are refused until the probe reports. A probe that never reports (its task was
+        cancelled) would otherwise wedge the breaker half-open for good; here the next
+        call after another cooldown simply probes again.
+        """
         if self._opened_at is None:
             return True
-        if self._probing:
+        now = self._clock()
+        if now - self._opened_at < self.cooldown:
             return False
-        if self._clock() - self._opened_at >= self.cooldown:
-            self._probing = True
-            return True
-        return False
+        self._opened_at = now
+        self._probing = True
+        return True
 
     def success(self) -> None:
         self._failures = 0

@@ -8,10 +8,10 @@
 --          algorithm code (f, s, t, g, c), limit, window (lease ttl for c), burst, enforce (1/0)
 --          returns { now, {allowed, remaining, reset, retry_after}... } with floats as
 --          strings; nothing is written unless every enforced spec admitted.
---          "probe" answers the same without writing; "apply+undo" also returns, last, a
---          flat list {key, old state or "", new state, ...} of what it wrote.
--- restore: KEYS as for apply; ARGV "restore", now, then key, old, new triples: puts the
---          old state back where the key still holds the new one (nobody wrote since).
+--          "probe" answers the same without writing.
+-- refund:  KEYS and ARGV as for the apply being taken back (with the now it used): gives
+--          back what that apply counted. Commutative with other calls, so it is exact
+--          even when other decisions have written the keys in between.
 -- release: KEYS[1] a concurrency counter; ARGV "release", now, lease id
 --
 -- States are strings of numbers in %.17g (exact round trip for doubles):
@@ -210,16 +210,48 @@ if ARGV[1] == 'release' then
   return num(now)
 end
 
-if ARGV[1] == 'restore' then
-  for i = 3, #ARGV - 2, 3 do
-    local key, old, new = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-    if redis.call('GET', key) == new then
-      if old == '' then
-        redis.call('DEL', key)
-      else
-        redis.call('SET', key, old, 'KEEPTTL')
+-- take back `cost` counted at `now` (refunds commute: other writers may have come between)
+local function refund(code, key, now, limit, window, burst, cost, lease)
+  local state = redis.call('GET', key)
+  if not state then return end
+  local f = split(state)
+  local new
+  if code == 'f' then
+    if tonumber(f[1]) ~= now - math.fmod(now, window) then return end
+    new = f[1] .. ' ' .. num(math.max(tonumber(f[2]) - cost, 0))
+  elseif code == 's' then
+    local start = now - math.fmod(now, window)
+    local at = tonumber(f[1])
+    if at == start then
+      new = f[1] .. ' ' .. f[2] .. ' ' .. num(math.max(tonumber(f[3]) - cost, 0))
+    elseif at == start + window then
+      new = f[1] .. ' ' .. num(math.max(tonumber(f[2]) - cost, 0)) .. ' ' .. f[3]
+    else
+      return
+    end
+  elseif code == 't' or code == 'g' then
+    new = num(math.max(tonumber(f[1]) - cost * window / limit, 0)) .. ' ' .. f[2]
+  else
+    local ids, exps, costs = live_leases(state, now)
+    local keep_ids, keep_exps, keep_costs = {}, {}, {}
+    for i = 1, #ids do
+      if ids[i] ~= lease then
+        keep_ids[#keep_ids + 1] = ids[i]
+        keep_exps[#keep_exps + 1] = exps[i]
+        keep_costs[#keep_costs + 1] = costs[i]
       end
     end
+    new = encode_leases(keep_ids, keep_exps, keep_costs)
+  end
+  redis.call('SET', key, new, 'KEEPTTL')
+end
+
+if ARGV[1] == 'refund' then
+  local cost, lease = tonumber(ARGV[3]), ARGV[4]
+  for i = 1, #KEYS do
+    local base = 4 + (i - 1) * 5
+    refund(ARGV[base + 1], KEYS[i], now, tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]),
+      tonumber(ARGV[base + 4]), cost, lease)
   end
   return num(now)
 end
@@ -227,7 +259,6 @@ end
 local op = ARGV[1]
 local cost = tonumber(ARGV[3])
 local lease = ARGV[4]
-local original = {}  -- key -> the state stored before this call ("" for none)
 
 local pending = {}   -- key -> {state, expires}, applied in order, so a key named twice sees itself
 local replies = { num(now) }
@@ -244,7 +275,6 @@ for i = 1, #KEYS do
   else
     -- after a denial, the specs still unanswered see the stored state: nothing is written
     state = redis.call('GET', key)
-    if original[key] == nil then original[key] = state or '' end
   end
   if state == false then state = nil end
   local allowed, new, remaining, reset, retry, expires =
@@ -257,15 +287,10 @@ for i = 1, #KEYS do
   replies[#replies + 1] = { allowed and 1 or 0, remaining, num(reset), num(retry) }
 end
 
-local written = {}
 if not blocked and op ~= 'probe' then
   for key, item in pairs(pending) do
     local ttl = math.ceil((item[2] - now) * 1000) + 1000
     redis.call('SET', key, item[1], 'PX', ttl)
-    written[#written + 1] = key
-    written[#written + 1] = original[key]
-    written[#written + 1] = item[1]
   end
 end
-if op == 'apply+undo' then replies[#replies + 1] = written end
 return replies

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from functools import partial
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
@@ -100,7 +101,8 @@ class RedisCounters:
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._node_options: dict[str, Any] = {}
-        self._nodes: dict[str, Any] = {}
+        self._nodes: dict[str, Any] = {}  # cluster: a plain client per node, for pipelines
+        self._owned: list[Any] = []  # other clients to close with this store (sentinels)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisCounters:
@@ -116,6 +118,7 @@ class RedisCounters:
             "decode_responses": True,
         }
         rest = "&".join(f"{key}={value}" for key, value in query.items())
+        extras: list[Any] = []  # clients to close beside the main one (sentinels)
         scheme = parts.scheme
         if scheme in ("redis", "rediss", "unix"):
             plain = urlunsplit((scheme, parts.netloc, parts.path, rest, ""))
@@ -137,6 +140,7 @@ class RedisCounters:
             sentinel = Sentinel(hosts, **common)  # type: ignore[no-untyped-call]
             client = sentinel.master_for(pieces[0], db=db, **common)
             cluster = False
+            extras = list(sentinel.sentinels)
         else:
             raise ValueError(
                 f"counter store {scheme!r} is not supported; expected memory, redis, rediss, "
@@ -146,6 +150,7 @@ class RedisCounters:
             client, cluster=cluster, timeout=timeout, server_clock=clock == "server", **options
         )
         store._node_options = {**common, "ssl": scheme.startswith("rediss")}
+        store._owned = extras
         return store
 
     # -- the CounterStore interface -------------------------------------------------------
@@ -177,8 +182,8 @@ class RedisCounters:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for node in self._nodes.values():
-            await node.aclose()
+        for other in (*self._nodes.values(), *self._owned):
+            await other.aclose()
         await self._client.aclose()
 
     async def ping(self) -> bool:
@@ -214,31 +219,36 @@ class RedisCounters:
     ) -> list[Outcome]:
         """Cluster only: a decision whose rules live in several slots (a rule keyed by IP
         alone, say) is applied slot by slot. If a later slot denies, the earlier slots
-        are given back (``restore`` writes the old state only where nothing else wrote
-        since), so nothing over-admits; then the rest are answered without writing."""
+        are refunded (a commutative give-back, exact even when other decisions wrote in
+        between), so the decision counts nothing; the rest are answered without writing."""
         groups: dict[str, list[int]] = {}
         for index, key in enumerate(redis_keys):
             groups.setdefault(_tag(key), []).append(index)
         outcomes: list[Outcome | None] = [None] * len(specs)
-        undo: list[tuple[list[str], list[str]]] = []
+        taken: list[tuple[list[str], list[str]]] = []
         blocked = False
         for indices in groups.values():
             keys = [redis_keys[i] for i in indices]
             chosen = [specs[i] for i in indices]
-            op = "probe" if blocked else "apply+undo"
-            reply = await self._call(keys, self._argv(op, clock, cost, lease, chosen))
-            answered = _outcomes(reply[:-1] if op == "apply+undo" else reply)
+            reply = await self._call(
+                keys, self._argv("probe" if blocked else "apply", clock, cost, lease, chosen)
+            )
+            answered = _outcomes(reply)
             for i, outcome in zip(indices, answered, strict=True):
                 outcomes[i] = outcome
-            if op == "apply+undo":
-                written = reply[-1]
-                if any(not o[0] and s[5] for o, s in zip(answered, chosen, strict=True)):
-                    blocked = True
-                elif written:
-                    undo.append((keys, ["restore", clock, *written]))
+            if blocked:
+                continue
+            if any(not o[0] and s[5] for o, s in zip(answered, chosen, strict=True)):
+                blocked = True
+            else:
+                # refund what was counted (not shadow denials), at the instant it was counted
+                kept = [i for i, outcome in enumerate(answered) if outcome[0]]
+                argv = self._argv("refund", str(reply[0]), cost, lease, [chosen[i] for i in kept])
+                taken.append(([keys[i] for i in kept], argv))
         if blocked:
-            for keys, argv in undo:
-                await self._call(keys, argv)
+            for keys, argv in taken:
+                if keys:
+                    await self._call(keys, argv)
         return [outcome for outcome in outcomes if outcome is not None]
 
     async def _call(self, keys: list[str], args: list[str]) -> Any:
@@ -259,27 +269,36 @@ class RedisCounters:
         batch, self._queue = self._queue, []
         task = asyncio.get_running_loop().create_task(self._send(batch))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(partial(self._sent, batch))
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
             replies = await asyncio.wait_for(self._pipeline(batch), self._timeout)
-        except Exception as error:  # every failure must reach the callers, never hang them
-            self.breaker.failure()
-            kind = "timeout" if isinstance(error, TimeoutError) else type(error).__name__
-            STORE_ERRORS.labels(store="redis", kind=kind).inc()
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(StoreError(f"counter store failed: {error!r}"))
+        except Exception as error:
+            self._fail(batch, error)
             return
         self.breaker.success()
         for call, reply in zip(batch, replies, strict=True):
-            if call.future.done():
-                continue
             if isinstance(reply, Exception):
-                call.future.set_exception(StoreError(f"counter script failed: {reply}"))
-            else:
+                _settle(call, reply, f"counter script failed: {reply}")
+            elif not call.future.done():
                 call.future.set_result(reply)
+
+    def _sent(self, batch: list[_Call], task: asyncio.Task[None]) -> None:
+        """A batch task cancelled (even before it began) never reaches its ``except``:
+        fail its calls here, or their checks would wait forever and a probe among them
+        would never report to the breaker."""
+        self._tasks.discard(task)
+        if task.cancelled():
+            self._fail(batch, asyncio.CancelledError())
+
+    def _fail(self, batch: list[_Call], error: BaseException) -> None:
+        """One failed batch: one breaker failure, one metric, a ``StoreError`` per call."""
+        self.breaker.failure()
+        kind = "timeout" if isinstance(error, TimeoutError) else type(error).__name__
+        STORE_ERRORS.labels(store="redis", kind=kind).inc()
+        for call in batch:
+            _settle(call, error, f"counter store failed: {error!r}")
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         if self._sha is None:
@@ -292,6 +311,8 @@ class RedisCounters:
             again = await self._execute([batch[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
+        if len(replies) != len(batch):  # else callers past the end would wait forever
+            raise RedisError(f"{len(replies)} replies to a pipeline of {len(batch)}")
         return replies
 
     async def _load(self) -> str:
@@ -346,6 +367,14 @@ class RedisCounters:
         for call in batch:
             pipe.evalsha(self._sha, len(call.keys), *call.keys, *call.args)
         return list(await pipe.execute(raise_on_error=False))
+
+
+def _settle(call: _Call, cause: BaseException, message: str) -> None:
+    """Fail one caller (unless it gave up already) with a ``StoreError`` caused by ``cause``."""
+    if not call.future.done():
+        error = StoreError(message)
+        error.__cause__ = cause
+        call.future.set_exception(error)
 
 
 def _outcomes(reply: list[Any]) -> list[Outcome]:

@@ -1,0 +1,388 @@
+"""Decisions per second on one real Redis: tenantguard against ``limits`` and a ceiling.
+
+One ``redis-server`` (``tests/servers.py``) serves the whole run and is flushed before
+every measurement. The same traffic as ``bench_check.py`` (random tenants and request
+paths from the Okta example table, plus a tenant-wide token bucket for tenantguard: two
+rules per tenantguard decision, one per ``limits`` hit) is sent by 1, 10 and 100
+concurrent callers:
+
+* tenantguard: C asyncio tasks in this process share one ``Guard`` on
+  ``redis://…?clock=server``; its store gathers concurrent checks into pipelines.
+* limits: ``FixedWindowRateLimiter.hit`` on ``RedisStorage`` with redis-py's sync client.
+  "One connection" is read literally: C threads share one limiter whose client is held
+  to a single connection (``BlockingConnectionPool(max_connections=1)``), so callers
+  serialize on it. For context the same C threads are also measured with redis-py's
+  default pool, which opens a connection per concurrently active thread.
+* ceiling: ``redis-benchmark -P 100 -c 100`` replaying tenantguard's own ``counters.lua``
+  (EVALSHA, two keys, the same rule arguments) and a one-line INCR script (EVAL): what
+  the server itself can answer, with no Python client in the way.
+
+Each figure is the best of several rounds; the machine is small and shared, so compare
+the ratios, which are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import redis
+from limits import RateLimitItemPerMinute, storage, strategies
+
+from tenantguard import Guard, parse_policy
+from tenantguard.stores.redis_store import SCRIPT
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from servers import RedisServer  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
+
+TENANT_BUCKET = """
+  - name: tenant-bucket
+    group: tenant
+    match: {paths: ["/**"]}
+    algorithm: token-bucket
+    window: 10s
+    limits: {default: 200}
+"""
+PATHS = [
+    ("GET", "/api/v1/apps"),
+    ("GET", "/api/v1/apps/{id}"),
+    ("GET", "/api/v1/groups"),
+    ("DELETE", "/api/v1/groups/{id}"),
+    ("GET", "/api/v1/users"),
+    ("GET", "/api/v1/users/{id}"),
+    ("PUT", "/api/v1/users/{id}"),
+    ("GET", "/api/v1/logs"),
+    ("GET", "/api/v1/events"),
+    ("GET", "/api/v1/sessions/{id}"),
+    ("POST", "/oauth2/default/v1/token"),
+    ("POST", "/oauth2/v1/token"),
+    ("GET", "/oauth2/v1/clients"),
+    ("GET", "/api/v1/meta/types"),
+]
+# enough tenants that a measurement's traffic stays mostly within every limit
+TENANTS = 5000
+IDS = 50
+CALLERS = (1, 10, 100)
+ROUNDS = 3
+SECONDS = 2.0  # aimed length of one measurement; N is fixed from a short probe
+PROBE = 0.4  # seconds of the probe, which also warms connections and caches
+MIN_DECISIONS = 1_000
+MAX_DECISIONS = 150_000
+CEILING_REQUESTS = 400_000
+CEILING_PIPELINE = 100
+CEILING_CLIENTS = 100
+CEILING_KEYSPACE = 1_000_000
+TIMEOUT = "1"  # seconds per store call; a degraded decision would flatter the figures
+
+Request = tuple[str, str, str]
+
+
+def traffic(count: int, seed: int = 7) -> list[Request]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        method, template = rng.choice(PATHS)
+        path = template.replace("{id}", f"00u{rng.randrange(IDS)}")
+        out.append((f"tenant-{rng.randrange(TENANTS)}", method, path))
+    return out
+
+
+def policy_text() -> str:
+    text = (ROOT / "examples" / "okta-management.yaml").read_text()
+    return text.rstrip() + "\n" + TENANT_BUCKET
+
+
+class Result:
+    """One measurement: decisions, seconds, how many were allowed, connections used."""
+
+    __slots__ = ("allowed", "connections", "count", "degraded", "seconds", "server_us")
+
+    def __init__(self, count: int, seconds: float, allowed: int, degraded: int = 0) -> None:
+        self.count = count
+        self.seconds = seconds
+        self.allowed = allowed
+        self.degraded = degraded
+        self.connections = 0
+        self.server_us = 0.0  # Redis CPU per script call (INFO commandstats)
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds
+
+
+def connections(control: redis.Redis) -> int:
+    """Clients connected to the server now, not counting ``control`` itself."""
+    info = control.info("clients")
+    return int(info["connected_clients"]) - 1
+
+
+def script_cost(control: redis.Redis) -> float:
+    """Microseconds of server time per EVALSHA since the last ``CONFIG RESETSTAT``."""
+    stats = control.info("commandstats").get("cmdstat_evalsha", {})
+    return float(stats.get("usec_per_call", 0.0))
+
+
+def sized(probe: Result) -> int:
+    """The fixed number of decisions that takes about ``SECONDS`` at the probe's rate."""
+    wanted = int(probe.rate * SECONDS)
+    return max(MIN_DECISIONS, min(MAX_DECISIONS, wanted))
+
+
+def best(
+    measure: Callable[[int, int], Result], control: redis.Redis, name: str, callers: int
+) -> Result:
+    """Probe for N, then the best of ``ROUNDS`` runs of N decisions, flushing before each."""
+    control.flushall()
+    probe_count = MIN_DECISIONS
+    while True:
+        probe = measure(callers, probe_count)
+        if probe.seconds >= PROBE or probe_count >= MAX_DECISIONS:
+            break
+        probe_count = min(MAX_DECISIONS, probe_count * 4)
+        control.flushall()
+    count = sized(probe)
+    results = []
+    for _ in range(ROUNDS):
+        control.flushall()
+        control.config_resetstat()
+        result = measure(callers, count)
+        result.connections = connections(control)
+        result.server_us = script_cost(control)
+        results.append(result)
+    top = max(results, key=lambda result: result.rate)
+    spread = ", ".join(f"{result.rate:,.0f}" for result in results)
+    print(
+        f"  {name:<22} {callers:>3} callers  N={count:<7,} best {top.rate:>9,.0f}/s"
+        f"  ({spread})  allowed {top.allowed / top.count:.0%}"
+        f"  conns {top.connections}  redis {top.server_us:.1f} us/call"
+        + (f"  DEGRADED {top.degraded}" if top.degraded else ""),
+        flush=True,
+    )
+    return top
+
+
+# -- tenantguard ---------------------------------------------------------------------------
+
+
+async def run_tenantguard(guard: Guard, requests: Sequence[Request], callers: int) -> Result:
+    """``callers`` tasks, each checking its share of ``requests`` one after another."""
+    tally = [0, 0]
+
+    async def caller(chunk: Sequence[Request]) -> None:
+        check = guard.check
+        allowed = degraded = 0
+        for tenant, method, path in chunk:
+            decision = await check(tenant, method, path)
+            allowed += decision.allowed
+            degraded += decision.degraded
+        tally[0] += allowed
+        tally[1] += degraded
+
+    chunks = [requests[index::callers] for index in range(callers)]
+    start = time.perf_counter()
+    await asyncio.gather(*(caller(chunk) for chunk in chunks))
+    seconds = time.perf_counter() - start
+    return Result(len(requests), seconds, tally[0], tally[1])
+
+
+def bench_tenantguard(url: str, requests: list[Request], control: redis.Redis) -> list[Result]:
+    loop = asyncio.new_event_loop()
+    try:
+        guard = loop.run_until_complete(open_guard(url))
+
+        def measure(callers: int, count: int) -> Result:
+            return loop.run_until_complete(run_tenantguard(guard, requests[:count], callers))
+
+        try:
+            return [best(measure, control, "tenantguard", callers) for callers in CALLERS]
+        finally:
+            loop.run_until_complete(guard.close())
+    finally:
+        loop.close()
+
+
+async def open_guard(url: str) -> Guard:
+    return Guard(parse_policy(policy_text()), counters=f"{url}?clock=server&timeout={TIMEOUT}")
+
+
+# -- limits --------------------------------------------------------------------------------
+
+
+def run_limits(
+    limiter: strategies.FixedWindowRateLimiter, requests: Sequence[Request], callers: int
+) -> Result:
+    """``callers`` threads sharing ``limiter``, each hitting its share of ``requests``."""
+    item = RateLimitItemPerMinute(1_000_000)
+    tally: list[int] = []
+    lock = threading.Lock()
+    gate = threading.Barrier(callers + 1)
+
+    def caller(chunk: Sequence[Request]) -> None:
+        hit = limiter.hit
+        allowed = 0
+        gate.wait()
+        for tenant, method, path in chunk:
+            allowed += hit(item, tenant, method, path)
+        with lock:
+            tally.append(allowed)
+
+    threads = [
+        threading.Thread(target=caller, args=(requests[index::callers],), daemon=True)
+        for index in range(callers)
+    ]
+    for thread in threads:
+        thread.start()
+    gate.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    if len(tally) != callers:
+        raise RuntimeError("a limits caller thread failed; see its traceback above")
+    return Result(len(requests), seconds, sum(tally))
+
+
+def bench_limits(
+    url: str, requests: list[Request], control: redis.Redis, *, one_connection: bool
+) -> list[Result]:
+    if one_connection:
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=1, timeout=None)
+        store = storage.RedisStorage(url, connection_pool=pool)
+        name = "limits, 1 connection"
+    else:
+        store = storage.RedisStorage(url)
+        name = "limits, default pool"
+    limiter = strategies.FixedWindowRateLimiter(store)
+
+    def measure(callers: int, count: int) -> Result:
+        return run_limits(limiter, requests[:count], callers)
+
+    try:
+        return [best(measure, control, name, callers) for callers in CALLERS]
+    finally:
+        store.storage.close()
+
+
+# -- redis-benchmark ceiling ---------------------------------------------------------------
+
+
+def counters_argv(control: redis.Redis) -> list[str]:
+    """EVALSHA of ``counters.lua`` as tenantguard sends it for a developer-free tenant
+    on /api/v1/users/{id}: the endpoint's fixed window and the tenant's token bucket,
+    two keys of one random tenant per request (``__rand_int__``), server clock."""
+    sha = str(control.script_load(SCRIPT))
+    tenant = "{t__rand_int__}"
+    return [
+        "EVALSHA", sha, "2", f"tg:{tenant}:user-get", f"tg:{tenant}:tenant-bucket",
+        "apply", "", "1", "",
+        "f", "100", "60.0", "100", "1",
+        "t", "200", "10.0", "200", "1",
+    ]  # fmt: skip
+
+
+INCR_ARGV = ["EVAL", "return redis.call('INCR', KEYS[1])", "1", "key:__rand_int__"]
+
+
+def run_ceiling(port: int, argv: Sequence[str]) -> float:
+    """redis-benchmark's own requests/s (it excludes its start-up)."""
+    command = [
+        "redis-benchmark", "-p", str(port), "-n", str(CEILING_REQUESTS),
+        "-P", str(CEILING_PIPELINE), "-c", str(CEILING_CLIENTS),
+        "-r", str(CEILING_KEYSPACE), "-q", *argv,
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120)
+    found = re.findall(r"([\d.]+) requests per second", done.stdout)
+    if not found:
+        raise RuntimeError(f"no requests/s in redis-benchmark output: {done.stdout[-500:]!r}")
+    return float(found[-1])
+
+
+def bench_ceiling(port: int, control: redis.Redis, name: str, argv: Sequence[str]) -> float:
+    rates = []
+    for _ in range(ROUNDS):
+        control.flushall()
+        control.config_resetstat()
+        rates.append(run_ceiling(port, argv))
+    spread = ", ".join(f"{rate:,.0f}" for rate in rates)
+    cost = control.info("commandstats")
+    calls = cost.get("cmdstat_evalsha") or cost.get("cmdstat_eval") or {}
+    print(
+        f"  {name:<22} {CEILING_CLIENTS:>3} clients  P={CEILING_PIPELINE}"
+        f"  best {max(rates):>9,.0f}/s  ({spread})"
+        f"  redis {float(calls.get('usec_per_call', 0.0)):.1f} us/call",
+        flush=True,
+    )
+    return max(rates)
+
+
+# -- the table -----------------------------------------------------------------------------
+
+
+def main() -> None:
+    started = time.perf_counter()
+    requests = traffic(MAX_DECISIONS)
+    with RedisServer() as server:
+        control: redis.Redis = server.client()
+        try:
+            print(
+                f"redis-server {control.info('server')['redis_version']} on port {server.port};"
+                f" best of {ROUNDS} rounds, flushed before each",
+                flush=True,
+            )
+            ours = bench_tenantguard(server.url, requests, control)
+            theirs = bench_limits(server.url, requests, control, one_connection=True)
+            pooled = bench_limits(server.url, requests, control, one_connection=False)
+            lua = bench_ceiling(
+                server.port, control, "ceiling counters.lua", counters_argv(control)
+            )
+            incr = bench_ceiling(server.port, control, "ceiling EVAL INCR", INCR_ARGV)
+        finally:
+            control.close()
+    print()
+    print("decisions/s on one Redis (tenantguard: 2 rules/decision; limits: 1 rule/hit)")
+    print(
+        f"{'callers':>7} | {'tenantguard':>11} | {'limits 1conn':>12} | {'ratio':>6} |"
+        f" {'limits pool':>11} | {'ratio':>6} | {'ceiling':>9}"
+    )
+    for callers, ours_one, theirs_one, pooled_one in zip(
+        CALLERS, ours, theirs, pooled, strict=True
+    ):
+        print(
+            f"{callers:>7} | {ours_one.rate:>11,.0f} | {theirs_one.rate:>12,.0f} |"
+            f" {ours_one.rate / theirs_one.rate:>5.1f}x | {pooled_one.rate:>11,.0f} |"
+            f" {ours_one.rate / pooled_one.rate:>5.1f}x | {lua:>9,.0f}"
+        )
+    print(
+        f"ceiling: redis-benchmark -P {CEILING_PIPELINE} -c {CEILING_CLIENTS}, EVALSHA of"
+        f" tenantguard's counters.lua with the same two rules; EVAL of a bare INCR: {incr:,.0f}/s"
+    )
+    print(
+        "limits 1conn: C threads share one limiter held to one connection (callers"
+        " serialize); limits pool: redis-py's default pool, a connection per thread"
+    )
+    headline = ours[-1].rate / theirs[-1].rate
+    print(
+        f"tenantguard at {CALLERS[-1]} callers = {headline:.1f}x limits (target >= 10x);"
+        f" {ours[-1].rate / pooled[-1].rate:.1f}x limits with a connection per thread;"
+        f" {ours[-1].rate / lua:.0%} of the counters.lua ceiling"
+    )
+    needed = 10 * theirs[-1].rate
+    if needed > lua:
+        print(
+            f"  10x needs {needed:,.0f}/s, above what this Redis answers for counters.lua"
+            f" at all ({lua:,.0f}/s, {ours[-1].server_us:.1f} us of Redis CPU per decision"
+            f" vs {theirs[-1].server_us:.1f} us per limits hit)"
+        )
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

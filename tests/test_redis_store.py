@@ -1,0 +1,662 @@
+"""``RedisCounters`` against real servers: key layout and hash tags, TTLs, script reloads,
+auto-pipelining, the server clock, cross-slot decisions, Sentinel, URLs.
+
+Everything runs against the session's ``redis-server`` processes (``conftest.py``); no
+mocks. Time is injected (``?clock=local``) except where the server clock is the point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+from urllib.parse import unquote
+
+import pytest
+import redis
+from redis.asyncio.connection import SSLConnection
+
+from servers import RedisCluster, RedisSentinel, RedisServer
+from tenantguard import Decision, Guard, RuleCheck, parse_policy
+from tenantguard.stores import CounterSpec, open_counters
+from tenantguard.stores.redis_store import RedisCounters
+
+T = 1_700_000_040.0  # an exact minute since the epoch, 840 s into its hour
+OPTIONS = "?clock=local&timeout=5"
+
+
+class Clock:
+    def __init__(self, now: float = T) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Target(NamedTuple):
+    """One backend: the counter-store URL and sync clients for every master."""
+
+    name: str
+    url: str
+    nodes: list[RedisServer]
+
+    @contextmanager
+    def clients(self) -> Iterator[list[redis.Redis]]:
+        clients = [node.client() for node in self.nodes]
+        try:
+            yield clients
+        finally:
+            for client in clients:
+                client.close()
+
+    def scan(self) -> dict[str, int]:
+        """Every key on every master → the index of the node that holds it."""
+        found: dict[str, int] = {}
+        with self.clients() as clients:
+            for index, client in enumerate(clients):
+                for key in client.scan_iter(count=1000):
+                    assert key not in found, f"{key!r} on two nodes"
+                    found[key] = index
+        return found
+
+    def store(self, options: str = OPTIONS) -> RedisCounters:
+        return RedisCounters.from_url(self.url + options)
+
+
+def single_target(redis_server: RedisServer, redis_url: str) -> Target:
+    return Target("redis", redis_url, [redis_server])
+
+
+def cluster_target(redis_cluster: RedisCluster, redis_cluster_url: str) -> Target:
+    url = redis_cluster_url.replace("redis://", "redis+cluster://", 1)
+    return Target("cluster", url, list(redis_cluster.nodes))
+
+
+@pytest.fixture
+def single(redis_server: RedisServer, redis_url: str) -> Target:
+    return single_target(redis_server, redis_url)
+
+
+@pytest.fixture
+def cluster(redis_cluster: RedisCluster, redis_cluster_url: str) -> Target:
+    return cluster_target(redis_cluster, redis_cluster_url)
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def target(request: pytest.FixtureRequest) -> Target:
+    """The single Redis or the cluster, emptied for this test."""
+    if request.param == "redis":
+        return single_target(
+            request.getfixturevalue("redis_server"), request.getfixturevalue("redis_url")
+        )
+    return cluster_target(
+        request.getfixturevalue("redis_cluster"), request.getfixturevalue("redis_cluster_url")
+    )
+
+
+def hash_tag(key: str) -> str:
+    """The part of ``key`` Redis Cluster hashes: between the first ``{`` and the next ``}``."""
+    start = key.index("{")
+    end = key.index("}", start + 1)
+    assert end > start + 1, f"{key!r}: empty hash tag, the whole key would be hashed"
+    return key[start + 1 : end]
+
+
+def table_of(key: str) -> str:
+    """The rule table (``name|algorithm|window``) a ``tg:{tag}:table[:key]`` key belongs to."""
+    rest = key[key.index("}") + 2 :]
+    return unquote(rest.split(":", 1)[0])
+
+
+def keyslot(client: redis.Redis, key: str) -> int:
+    return int(client.cluster("KEYSLOT", key))
+
+
+def check_of(decision: Decision, rule: str) -> RuleCheck:
+    return next(check for check in decision.checks if check.rule == rule)
+
+
+# --- 1. tenant ids cannot escape their hash tag ----------------------------------------
+
+ESCAPE_POLICY = """\
+version: 1
+plans: [{name: free, enforcement: hard}]
+default_plan: free
+rate_limits:
+  - name: endpoint
+    match: {paths: ["/api/**"]}
+    window: 1m
+    limits: {default: 5}
+  - name: sliding
+    group: sliding
+    match: {paths: ["/**"]}
+    algorithm: sliding-window
+    window: 1m
+    limits: {default: 50}
+  - name: tenant-bucket
+    group: tenant
+    match: {paths: ["/**"]}
+    algorithm: token-bucket
+    window: 10s
+    limits: {default: 50}
+  - name: per-client
+    group: client
+    match: {paths: ["/**"]}
+    per: [tenant, client]
+    algorithm: gcra
+    window: 10s
+    limits: {default: 50}
+  - name: parallel
+    group: parallel
+    match: {paths: ["/**"]}
+    algorithm: concurrency
+    lease_ttl: 30s
+    limits: {default: 50}
+"""
+CLIENTS = ("c1", "c}{:2")
+KEYS_PER_TENANT = 4 + len(CLIENTS)  # four tenant-wide rules, per-client once per client
+
+ESCAPING_TENANTS = [
+    "a}b",
+    "{x}",
+    "}{",
+    "{",
+    "}",
+    "a:b:c",
+    "tg:{a}:endpoint",
+    "*",
+    "a b",
+    "租户",
+    "🚀tenant🚀",
+    "x" * 1024,
+    "-",
+    "%7Bx%7D",  # what a percent-encoded "{x}" looks like: must not meet "{x}"
+    "a",
+    "a}:x",
+]
+
+
+async def test_every_tenant_keeps_all_its_keys_in_its_own_slot(cluster: Target) -> None:
+    guard = Guard(parse_policy(ESCAPE_POLICY), counters=cluster.store(), clock=Clock())
+    async with guard:
+        for tenant in ESCAPING_TENANTS:
+            for client in CLIENTS:
+                decision = await guard.check(tenant, "GET", "/api/x", client=client)
+                assert decision.allowed, (tenant, decision.reason)
+                assert not decision.degraded, (tenant, decision.reason)
+                assert len(decision.checks) == 5
+
+    by_tenant: dict[str, list[str]] = {}
+    for key in cluster.scan():
+        tenant = unquote(hash_tag(key))
+        assert tenant in ESCAPING_TENANTS, f"{key!r} decodes to no tenant: {tenant!r}"
+        by_tenant.setdefault(tenant, []).append(key)
+    # every key is some tenant's, and no key is shared: the counts add up exactly
+    assert {t: len(keys) for t, keys in by_tenant.items()} == dict.fromkeys(
+        ESCAPING_TENANTS, KEYS_PER_TENANT
+    )
+
+    with cluster.clients() as clients:
+        for tenant, keys in by_tenant.items():
+            tag = hash_tag(keys[0])
+            assert "{" not in tag, tag
+            assert "}" not in tag, tag
+            slots = {keyslot(clients[0], key) for key in keys}
+            assert slots == {keyslot(clients[0], "{" + tag + "}")}, (tenant, keys, slots)
+
+
+async def test_a_tenant_named_like_another_tenants_key_shares_no_counter(cluster: Target) -> None:
+    guard = Guard(parse_policy(ESCAPE_POLICY), counters=cluster.store(), clock=Clock())
+    async with guard:
+        for _ in range(5):
+            assert (await guard.check("a}:x", "GET", "/api/x", client="c1")).allowed
+        full = await guard.check("a}:x", "GET", "/api/x", client="c1")
+        assert (full.allowed, full.rule, full.remaining) == (False, "endpoint", 0)
+
+        other = await guard.check("a", "GET", "/api/x", client="c1")
+        assert other.allowed
+        assert check_of(other, "endpoint").remaining == 4
+        # and the other way round: filling "a" leaves "a}:x" exactly where it was
+        for _ in range(4):
+            assert (await guard.check("a", "GET", "/api/x", client="c1")).allowed
+        assert not (await guard.check("a", "GET", "/api/x", client="c1")).allowed
+        again = await guard.check("a}:x", "GET", "/api/x", client="c1")
+        assert (again.allowed, again.remaining) == (False, 0)
+        assert check_of(again, "per-client").remaining == 45  # 5 of 50 used, denials uncounted
+
+
+# --- 2. every key expires --------------------------------------------------------------
+
+TTL_POLICY = """\
+version: 1
+plans: [{name: free, enforcement: hard}]
+default_plan: free
+rate_limits:
+  - name: fw
+    match: {paths: ["/**"]}
+    window: 1m
+    limits: {default: 4}
+  - name: sw
+    group: sw
+    match: {paths: ["/**"]}
+    algorithm: sliding-window
+    window: 1m
+    limits: {default: 6}
+  - name: tb
+    group: tb
+    match: {paths: ["/**"]}
+    algorithm: token-bucket
+    window: 10s
+    limits: {default: 10}
+    burst: {default: 20}
+  - name: gc
+    group: gc
+    match: {paths: ["/**"]}
+    per: [tenant, client]
+    algorithm: gcra
+    window: 1m
+    limits: {default: 5}
+    burst: {default: 3}
+  - name: cc
+    group: cc
+    match: {paths: ["/**"]}
+    algorithm: concurrency
+    lease_ttl: 30s
+    limits: {default: 3}
+"""
+# the longest a state can matter, in seconds: window, two windows, burst / rate, lease ttl
+LIFETIME = {"fw": 60.0, "sw": 120.0, "tb": 20 / (10 / 10), "gc": 3 * (60 / 5), "cc": 30.0}
+
+
+async def test_every_key_has_a_ttl_within_its_state_lifetime(target: Target) -> None:
+    clock = Clock(T + 7.25)
+    guard = Guard(parse_policy(TTL_POLICY), counters=target.store(), clock=clock)
+    leases: list[str] = []
+    async with guard:
+        for step in range(40):
+            clock.now = T + 7.25 + step * 1.5
+            tenant = f"t{step % 5}"
+            decision = await guard.check(tenant, "GET", "/x", client=f"c{step % 3}", cost=1)
+            assert not decision.degraded, decision.reason
+            if decision.lease is not None:
+                leases.append(decision.lease)
+            if step % 4 == 3 and leases:
+                await guard.release(leases.pop(0))
+        # a denial and an all-expired release on the way: neither may leave a key behind
+        clock.now += 200
+        for lease in leases:
+            await guard.release(lease)
+        assert (await guard.check("t0", "GET", "/x", client="c0")).allowed
+
+    keys = target.scan()
+    assert {table_of(key).split("|")[0] for key in keys} == set(LIFETIME)
+    with target.clients() as clients:
+        for key, node in keys.items():
+            pttl = clients[node].pttl(key)
+            limit = LIFETIME[table_of(key).split("|")[0]] + 1.0
+            assert 0 < pttl <= limit * 1000, f"{key!r}: PTTL {pttl} ms, lifetime {limit} s"
+
+
+# --- 3. a flushed script is loaded again -----------------------------------------------
+
+
+async def test_script_flush_between_checks_reloads_the_script(target: Target) -> None:
+    policy = parse_policy(ESCAPE_POLICY)
+    tenants = [f"tenant-{i}" for i in range(12)]  # spread over every cluster node
+    async with Guard(policy, counters=target.store(), clock=Clock()) as guard:
+        for tenant in tenants:
+            first = await guard.check(tenant, "GET", "/api/x", client="c1")
+            assert (first.allowed, first.degraded, first.remaining) == (True, False, 4)
+        with target.clients() as clients:
+            for client in clients:
+                client.script_flush()
+        for tenant in tenants:
+            second = await guard.check(tenant, "GET", "/api/x", client="c1")
+            assert (second.allowed, second.degraded, second.remaining) == (True, False, 3)
+        third = await asyncio.gather(
+            *(guard.check(tenant, "GET", "/api/x", client="c1") for tenant in tenants)
+        )
+        assert [(d.allowed, d.degraded, d.remaining) for d in third] == [(True, False, 2)] * 12
+    # every node held some of these keys, so every node had to load the script again
+    assert set(target.scan().values()) == set(range(len(target.nodes)))
+
+
+# --- 4. concurrent calls share pipelines -----------------------------------------------
+
+
+async def test_concurrent_applies_are_pipelined(
+    target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = target.store()
+    pipes: list[int] = []
+    original = store._pipe
+
+    async def counting(client: Any, batch: list[Any]) -> list[Any]:
+        pipes.append(len(batch))
+        return await original(client, batch)
+
+    monkeypatch.setattr(store, "_pipe", counting)
+    spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 15, 15, True)
+    tenants = [f"t{i % 10}" for i in range(200)]
+    try:
+        outcomes = await asyncio.gather(
+            *(store.apply([spec], [tenant], 1, None, T, tenant) for tenant in tenants)
+        )
+    finally:
+        await store.close()
+    assert sum(pipes) == 200
+    assert len(pipes) < 20, pipes
+    assert len(pipes) <= len(target.nodes), pipes  # one turn of the loop: one per node
+    for name in {f"t{i}" for i in range(10)}:
+        mine = [out[0] for tenant, out in zip(tenants, outcomes, strict=True) if tenant == name]
+        assert sum(allowed for allowed, *_ in mine) == 15, name
+        remaining = sorted(left for allowed, _, left, _, _ in mine if allowed)
+        assert remaining == list(range(15)), name
+
+
+# --- 5. the server clock ---------------------------------------------------------------
+
+HOURLY_POLICY = """\
+version: 1
+plans: [{name: free, enforcement: hard}]
+default_plan: free
+rate_limits:
+  - name: hourly
+    match: {paths: ["/**"]}
+    window: 1h
+    limits: {default: 10}
+"""
+
+
+def _server_hour_end(client: redis.Redis) -> float:
+    """End of the current server-clock hour, waiting out the last 5 s of an hour."""
+    seconds, micros = client.time()
+    now = seconds + micros / 1e6
+    end = now - now % 3600 + 3600
+    if end - now < 5:
+        time.sleep(end - now + 0.1)  # so the test cannot straddle a window boundary
+        return end + 3600
+    return end
+
+
+async def _two_guards(url: str, total: int) -> list[Decision]:
+    ahead = Guard(parse_policy(HOURLY_POLICY), counters=url, clock=Clock(T + 3600))
+    behind = Guard(parse_policy(HOURLY_POLICY), counters=url, clock=Clock(T))
+    decisions = []
+    async with ahead, behind:
+        for i in range(total):
+            guard = ahead if i % 2 else behind
+            decisions.append(await guard.check("acme", "GET", "/x"))
+    assert not any(d.degraded for d in decisions)
+    return decisions
+
+
+async def test_server_clock_shares_one_window_across_skewed_callers(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    with redis_server.client() as client:
+        end = _server_hour_end(client)
+    decisions = await _two_guards(redis_url + "?clock=server&timeout=5", 16)
+    assert [d.allowed for d in decisions] == [True] * 10 + [False] * 6
+    # the window is the server's hour, whatever either caller believes the time is
+    assert {d.reset for d in decisions} == {int(end)}
+
+
+async def test_local_clock_follows_each_callers_clock(redis_url: str) -> None:
+    # the contrast: with the callers' clocks an hour apart each counts in its own window
+    # (and, one counter per rule, each starts the other's over): the limit does not hold
+    decisions = await _two_guards(redis_url + "?clock=local&timeout=5", 24)
+    assert sum(d.allowed for d in decisions) > 10
+    hour = T - T % 3600
+    assert {d.reset for d in decisions} == {int(hour + 3600), int(hour + 7200)}
+
+
+# --- 6. decisions across slots ---------------------------------------------------------
+
+TENANT_RULE = """\
+  - name: per-tenant
+    group: tenant
+    match: {paths: ["/**"]}
+    window: 1m
+    limits: {default: TENANT_LIMIT}
+"""
+IP_RULE = """\
+  - name: per-ip
+    group: ip
+    match: {paths: ["/**"]}
+    per: [ip]
+    window: 1m
+    limits: {default: IP_LIMIT}
+"""
+HEAD = "version: 1\nplans: [{name: free, enforcement: hard}]\ndefault_plan: free\nrate_limits:\n"
+
+
+def _cross_policy(order: str, tenant_limit: int, ip_limit: int) -> str:
+    rules = [TENANT_RULE, IP_RULE] if order == "tenant-first" else [IP_RULE, TENANT_RULE]
+    text = HEAD + "".join(rules)
+    return text.replace("TENANT_LIMIT", str(tenant_limit)).replace("IP_LIMIT", str(ip_limit))
+
+
+def _remaining(decision: Decision) -> dict[str, tuple[str, int | None]]:
+    return {c.rule: (c.outcome, c.remaining) for c in decision.checks}
+
+
+async def _cross_guard(
+    target: Target, policy: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Guard, list[int]]:
+    store = target.store()
+    calls: list[int] = []
+    original = store._call
+
+    async def counting(keys: list[str], args: list[str]) -> Any:
+        calls.append(len(keys))
+        return await original(keys, args)
+
+    monkeypatch.setattr(store, "_call", counting)
+    return Guard(parse_policy(policy), counters=store, clock=Clock()), calls
+
+
+def _assert_slots(target: Target, calls: list[int], checks: int, denied_after: int) -> None:
+    keys = list(target.scan())
+    if target.name == "redis":
+        assert len(calls) == checks, "one script call per decision on a single Redis"
+        return
+    with target.clients() as clients:
+        slots = {keyslot(clients[0], key) for key in keys}
+    assert len(slots) >= 2, f"the test wants the rules in different slots: {keys}"
+    # two slots: two calls per decision, plus a restore for each denial after an admit
+    assert len(calls) == checks * 2 + denied_after, calls
+
+
+@pytest.mark.parametrize("order", ["tenant-first", "ip-first"])
+async def test_cross_slot_ip_denial_gives_the_tenant_counter_back(
+    target: Target, order: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guard, calls = await _cross_guard(target, _cross_policy(order, 10, 2), monkeypatch)
+    async with guard:
+        first = await guard.check("acme", "GET", "/x", ip="203.0.113.9")
+        rules = ["per-tenant", "per-ip"] if order == "tenant-first" else ["per-ip", "per-tenant"]
+        assert [c.rule for c in first.checks] == rules
+        assert _remaining(first) == {"per-tenant": ("allowed", 9), "per-ip": ("allowed", 1)}
+        second = await guard.check("acme", "GET", "/x", ip="203.0.113.9")
+        assert _remaining(second) == {"per-tenant": ("allowed", 8), "per-ip": ("allowed", 0)}
+        for _ in range(3):
+            denied = await guard.check("acme", "GET", "/x", ip="203.0.113.9")
+            assert (denied.allowed, denied.rule, denied.degraded) == (False, "per-ip", False)
+            assert _remaining(denied) == {
+                "per-tenant": ("uncounted", 8),
+                "per-ip": ("denied", 0),
+            }
+        # the three denials took nothing from the tenant: 8 left before this one, 7 after
+        other = await guard.check("acme", "GET", "/x", ip="198.51.100.7")
+        assert _remaining(other) == {"per-tenant": ("allowed", 7), "per-ip": ("allowed", 1)}
+    _assert_slots(target, calls, 6, 3 if order == "tenant-first" else 0)
+
+
+@pytest.mark.parametrize("order", ["tenant-first", "ip-first"])
+async def test_cross_slot_tenant_denial_gives_the_ip_counter_back(
+    target: Target, order: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guard, calls = await _cross_guard(target, _cross_policy(order, 2, 10), monkeypatch)
+    async with guard:
+        for left in (1, 0):
+            admitted = await guard.check("acme", "GET", "/x", ip="203.0.113.9")
+            assert _remaining(admitted) == {
+                "per-tenant": ("allowed", left),
+                "per-ip": ("allowed", 8 + left),
+            }
+        for _ in range(3):
+            denied = await guard.check("acme", "GET", "/x", ip="203.0.113.9")
+            assert (denied.allowed, denied.rule, denied.degraded) == (False, "per-tenant", False)
+            assert _remaining(denied) == {"per-tenant": ("denied", 0), "per-ip": ("uncounted", 8)}
+        # another tenant behind the same IP: the IP's three denials were given back
+        other = await guard.check("globex", "GET", "/x", ip="203.0.113.9")
+        assert _remaining(other) == {"per-tenant": ("allowed", 1), "per-ip": ("allowed", 7)}
+    _assert_slots(target, calls, 6, 3 if order == "ip-first" else 0)
+
+
+async def test_concurrent_cross_slot_denials_give_the_tenant_counter_back(
+    cluster: Target,
+) -> None:
+    policy = parse_policy(_cross_policy("tenant-first", 100, 2))
+    async with Guard(policy, counters=cluster.store(), clock=Clock()) as guard:
+        burst = await asyncio.gather(
+            *(guard.check("acme", "GET", "/x", ip="203.0.113.9") for _ in range(50))
+        )
+        assert sum(d.allowed for d in burst) == 2
+        assert not any(d.degraded for d in burst)
+        other = await guard.check("acme", "GET", "/x", ip="198.51.100.7")
+    # 2 + 1 admitted; the 48 denials must have taken nothing from the tenant
+    assert _remaining(other) == {"per-tenant": ("allowed", 97), "per-ip": ("allowed", 1)}
+
+
+LEASE_POLICY = """\
+version: 1
+plans: [{name: free, enforcement: hard}]
+default_plan: free
+rate_limits:
+  - name: uploads
+    match: {paths: ["/**"]}
+    per: [ip]
+    algorithm: concurrency
+    lease_ttl: 30s
+    limits: {default: 1}
+"""
+
+
+async def test_releasing_a_tenant_keyed_lease_frees_it(target: Target) -> None:
+    policy = parse_policy(LEASE_POLICY.replace("per: [ip]", "per: [tenant]"))
+    async with Guard(policy, counters=target.store(), clock=Clock()) as guard:
+        held = await guard.check("acme", "POST", "/upload", ip="203.0.113.9")
+        assert held.allowed
+        assert not (await guard.check("acme", "POST", "/upload", ip="203.0.113.9")).allowed
+        await guard.release(held.lease)
+        assert (await guard.check("acme", "POST", "/upload", ip="203.0.113.9")).allowed
+
+
+async def test_releasing_an_ip_keyed_lease_frees_it(target: Target) -> None:
+    async with Guard(parse_policy(LEASE_POLICY), counters=target.store(), clock=Clock()) as guard:
+        held = await guard.check("acme", "POST", "/upload", ip="203.0.113.9")
+        assert held.allowed
+        assert not (await guard.check("globex", "POST", "/upload", ip="203.0.113.9")).allowed
+        await guard.release(held.lease)
+        again = await guard.check("globex", "POST", "/upload", ip="203.0.113.9")
+    assert again.allowed, again.reason
+
+
+# --- 7. Sentinel -----------------------------------------------------------------------
+
+SMALL_POLICY = """\
+version: 1
+plans: [{name: free, enforcement: hard}]
+default_plan: free
+rate_limits:
+  - name: small
+    match: {paths: ["/**"]}
+    window: 1m
+    limits: {default: 3}
+"""
+
+
+@pytest.mark.parametrize("path", ["", "/0"])
+async def test_sentinel_url_counts_on_the_master(
+    redis_sentinel: RedisSentinel, redis_sentinel_url: str, path: str
+) -> None:
+    store = RedisCounters.from_url(f"{redis_sentinel_url}{path}?clock=local&timeout=2")
+    async with Guard(parse_policy(SMALL_POLICY), counters=store, clock=Clock()) as guard:
+        decisions = [await guard.check("acme", "GET", "/x") for _ in range(4)]
+    assert [(d.allowed, d.remaining, d.degraded) for d in decisions] == [
+        (True, 2, False),
+        (True, 1, False),
+        (True, 0, False),
+        (False, 0, False),
+    ]
+    with redis_sentinel.master.client() as client:
+        keys = list(client.scan_iter())
+    assert len(keys) == 1
+    assert hash_tag(keys[0]) == "acme"
+
+
+def _clients_of(server: RedisServer) -> int:
+    """Connections to ``server`` other than the one asking, once they settle (≤ 1 s)."""
+    deadline = time.monotonic() + 1.0
+    with server.client() as client:
+        me = client.client_id()
+        while True:
+            others = [c for c in client.client_list() if int(c["id"]) != me]
+            if not others or time.monotonic() >= deadline:
+                return len(others)
+            time.sleep(0.02)
+
+
+async def test_closing_a_sentinel_store_closes_its_sentinel_connections(
+    redis_sentinel: RedisSentinel, redis_sentinel_url: str
+) -> None:
+    store = RedisCounters.from_url(f"{redis_sentinel_url}?clock=local&timeout=2")
+    spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 3, 3, True)
+    outcomes = await store.apply([spec], ["acme"], 1, None, T, "acme")
+    assert outcomes[0][:3] == (True, None, 2)
+    await store.close()
+    left = _clients_of(redis_sentinel)
+    assert left == 0, f"{left} connection(s) to the sentinel still open after close()"
+
+
+# --- 8. URLs ---------------------------------------------------------------------------
+
+
+async def test_rediss_urls_pick_tls_without_connecting() -> None:
+    # nothing listens on port 1: building the stores must not try to connect
+    single = RedisCounters.from_url("rediss://127.0.0.1:1/0?timeout=0.5")
+    cluster = RedisCounters.from_url("rediss+cluster://127.0.0.1:1")
+    plain = open_counters("redis://127.0.0.1:1/0")
+    try:
+        assert isinstance(plain, RedisCounters)
+        assert single._client.connection_pool.connection_class is SSLConnection
+        assert single._timeout == 0.5
+        assert single._node_options["ssl"] is True
+        kwargs = cluster._client.nodes_manager.connection_kwargs
+        assert kwargs["connection_class"] is SSLConnection
+        assert cluster._node_options["ssl"] is True  # the per-node pipelines use TLS too
+        assert plain._client.connection_pool.connection_class is not SSLConnection
+        assert plain._node_options["ssl"] is False
+    finally:
+        for store in (single, cluster, plain):
+            await store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mongodb://x", r"'mongodb' is not supported; expected memory, redis"),
+        ("redis+sentinel://h:1", r"needs the service name"),
+        ("redis+sentinel://h:1/", r"needs the service name"),
+        ("redis://127.0.0.1:1/0?clock=sundial", r"clock='sundial': expected server or local"),
+    ],
+)
+def test_bad_urls_say_what_is_wrong(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        open_counters(url)
+    with pytest.raises(ValueError, match=message):
+        Guard(parse_policy(SMALL_POLICY), counters=url)
