@@ -377,3 +377,17 @@ async def test_slow_redis_degrades_within_the_timeout(
         assert not decisions[-1].allowed
     finally:
         await rig.guard.close()
+
+
+async def test_a_read_only_replica_counts_as_an_outage(server: RedisServer, url: str) -> None:
+    """A server that answers but cannot write (a replica after a failover went wrong)
+    opens the breaker like a dead one: its errors are not successes."""
+    with RedisServer(extra_args=["--replicaof", "127.0.0.1", str(server.port)]) as replica:
+        replica_url = replica.url + f"?timeout={TIMEOUT}&clock=local"
+        rig = Rig(replica_url, "allow")
+        try:
+            decisions = [await rig.guard.check("acme", "GET", "/api/x") for _ in range(5)]
+        finally:
+            await rig.guard.close()
+    assert all(decision.degraded and decision.allowed for decision in decisions)
+    assert rig.breaker.state == "open"

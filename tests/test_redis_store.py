@@ -660,3 +660,40 @@ def test_bad_urls_say_what_is_wrong(url: str, message: str) -> None:
         open_counters(url)
     with pytest.raises(ValueError, match=message):
         Guard(parse_policy(SMALL_POLICY), counters=url)
+
+
+async def test_cluster_follows_a_moved_slot(
+    redis_cluster: RedisCluster, redis_cluster_url: str
+) -> None:
+    """After a slot moves to another node (resharding, failover), the store's cached map
+    is stale: the first reply is MOVED, the store relearns the map and the check counts."""
+    store = open_counters(
+        redis_cluster_url.replace("redis://", "redis+cluster://") + "?clock=local"
+    )
+    spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 5, 5, True)
+    assert (await store.apply([spec], ["acme"], 1, None, T, "acme"))[0][0]
+    with redis_cluster.nodes[0].client() as seed:
+        slot = int(seed.execute_command("CLUSTER", "KEYSLOT", "{acme}"))
+        nodes = [line.split() for line in seed.execute_command("CLUSTER", "NODES").splitlines()]
+    owner = next(
+        node for node in nodes
+        if any(
+            "-" in part and int(part.split("-")[0]) <= slot <= int(part.split("-")[1])
+            for part in node[8:]
+        )
+    )  # fmt: skip
+    target = next(node for node in nodes if node[0] != owner[0])
+    redis_cluster.flushall()  # an empty slot moves without MIGRATE
+    for node in redis_cluster.nodes:
+        with node.client() as client:
+            client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target[0])
+    try:
+        outcomes = await store.apply([spec], ["acme"], 1, None, T, "acme")
+        assert outcomes[0][:3] == (True, None, 4)  # counted afresh on the new owner
+        assert (await store.apply([spec], ["acme"], 1, None, T, "acme"))[0][2] == 3
+    finally:
+        redis_cluster.flushall()
+        for node in redis_cluster.nodes:
+            with node.client() as client:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", owner[0])
+        await store.close()

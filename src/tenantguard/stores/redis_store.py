@@ -27,7 +27,18 @@ from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 from redis import asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    MovedError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from tenantguard._metrics import STORE_ERRORS
 from tenantguard.algorithms import Outcome
@@ -277,6 +288,12 @@ class RedisCounters:
         except Exception as error:
             self._fail(batch, error)
             return
+        unready = [r for r in replies if isinstance(r, ResponseError) and _unready(r)]
+        if unready:
+            # the server answers but cannot serve (loading, a replica after failover,
+            # cluster down): that is an outage for the breaker, not a success
+            self._fail(batch, unready[0])
+            return
         self.breaker.success()
         for call, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):
@@ -343,11 +360,7 @@ class RedisCounters:
                 replies[i] = answer
 
         await asyncio.gather(*(run(name, indices) for name, indices in groups.items()))
-        moved = [
-            i
-            for i, reply in enumerate(replies)
-            if isinstance(reply, ResponseError) and str(reply).startswith(("MOVED", "ASK"))
-        ]
+        moved = [i for i, reply in enumerate(replies) if isinstance(reply, MovedError | AskError)]
         if moved:
             # slots moved (resharding, failover): learn the new map, let the cluster
             # client follow redirects for these few
@@ -375,6 +388,14 @@ def _settle(call: _Call, cause: BaseException, message: str) -> None:
         error = StoreError(message)
         error.__cause__ = cause
         call.future.set_exception(error)
+
+
+_UNREADY = (BusyLoadingError, ReadOnlyError, ClusterDownError, MasterDownError, TryAgainError)
+
+
+def _unready(error: ResponseError) -> bool:
+    # redis-py turns these replies into their own classes and strips the prefix
+    return isinstance(error, _UNREADY) or str(error).startswith(("BUSY", "MASTERDOWN"))
 
 
 def _outcomes(reply: list[Any]) -> list[Outcome]:
