@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
 from limits import RateLimitItemPerMinute, storage, strategies
@@ -195,18 +196,26 @@ async def run_tenantguard(guard: Guard, requests: Sequence[Request], callers: in
 
 def bench_tenantguard(url: str, requests: list[Request], control: redis.Redis) -> list[Result]:
     loop = asyncio.new_event_loop()
+    guard = loop.run_until_complete(open_guard(url))
+
+    def measure(callers: int, count: int) -> Result:
+        return loop.run_until_complete(run_tenantguard(guard, requests[:count], callers))
+
     try:
-        guard = loop.run_until_complete(open_guard(url))
-
-        def measure(callers: int, count: int) -> Result:
-            return loop.run_until_complete(run_tenantguard(guard, requests[:count], callers))
-
-        try:
-            return [best(measure, control, "tenantguard", callers) for callers in CALLERS]
-        finally:
-            loop.run_until_complete(guard.close())
+        return [best(measure, control, "tenantguard", callers) for callers in CALLERS]
     finally:
+        # after Ctrl-C the callers are still pending: end them before closing the store
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(_settle(pending))
+        loop.run_until_complete(guard.close())
         loop.close()
+
+
+async def _settle(tasks: set[asyncio.Task[Any]]) -> None:
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def open_guard(url: str) -> Guard:
@@ -224,12 +233,18 @@ def run_limits(
     tally: list[int] = []
     lock = threading.Lock()
     gate = threading.Barrier(callers + 1)
+    stop = threading.Event()  # set on Ctrl-C, so no thread outlives the server
 
     def caller(chunk: Sequence[Request]) -> None:
         hit = limiter.hit
         allowed = 0
-        gate.wait()
+        try:
+            gate.wait()
+        except threading.BrokenBarrierError:
+            return
         for tenant, method, path in chunk:
+            if stop.is_set():
+                return
             allowed += hit(item, tenant, method, path)
         with lock:
             tally.append(allowed)
@@ -238,13 +253,20 @@ def run_limits(
         threading.Thread(target=caller, args=(requests[index::callers],), daemon=True)
         for index in range(callers)
     ]
-    for thread in threads:
-        thread.start()
-    gate.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - start
+    try:
+        for thread in threads:
+            thread.start()
+        gate.wait()
+        start = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - start
+    finally:
+        stop.set()
+        gate.abort()
+        for thread in threads:
+            if thread.ident is not None:
+                thread.join()
     if len(tally) != callers:
         raise RuntimeError("a limits caller thread failed; see its traceback above")
     return Result(len(requests), seconds, sum(tally))
@@ -326,7 +348,7 @@ def bench_ceiling(port: int, control: redis.Redis, name: str, argv: Sequence[str
 # -- the table -----------------------------------------------------------------------------
 
 
-def main() -> None:
+def report() -> None:
     started = time.perf_counter()
     requests = traffic(MAX_DECISIONS)
     with RedisServer() as server:
@@ -382,6 +404,15 @@ def main() -> None:
             f" vs {theirs[-1].server_us:.1f} us per limits hit)"
         )
     print(f"total {time.perf_counter() - started:.0f} s")
+
+
+def main() -> None:
+    try:
+        report()
+    except KeyboardInterrupt:
+        # the RedisServer context has stopped the server by now
+        print("\ninterrupted; redis-server stopped", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Real servers for the tests: one Redis, one 3-node Redis Cluster and one Sentinel-managed
-Redis per session.
+"""Real servers for the tests: one Redis, one 3-node Redis Cluster, one Sentinel-managed
+Redis and one PostgreSQL per session.
 
 All start on free loopback ports the first time a test asks for them and stop at the
 end of the session. Missing binaries fail the tests (a skip would hide a missing
@@ -13,10 +13,12 @@ from collections.abc import Iterator
 import pytest
 
 from servers import (
+    PostgresServer,
     RedisCluster,
     RedisSentinel,
     RedisServer,
     ServersMissingError,
+    require_postgres,
     require_redis,
 )
 
@@ -71,3 +73,36 @@ def redis_sentinel_url(redis_sentinel: RedisSentinel) -> str:
     with redis_sentinel.master.client() as client:
         client.flushall()
     return redis_sentinel.service_url
+
+
+def _require_postgres() -> None:
+    try:
+        require_postgres()
+    except ServersMissingError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL (initdb in a temp dir, as the ``postgres`` user) for the session."""
+    _require_postgres()
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """``postgresql://postgres@127.0.0.1:<port>/tenantguard``, emptied for this test.
+
+    Connections a previous test left open are ended first, so none holds a lock that
+    would stall the drop or sees the old tables.
+    """
+    with postgres_server.connect() as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        conn.execute("SET lock_timeout = '10s'")
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    return postgres_server.url

@@ -1,16 +1,23 @@
-"""Start and stop real Redis servers for the tests, on free loopback ports.
+"""Start and stop real Redis and PostgreSQL servers for the tests, on free loopback ports.
 
 `RedisServer` is one ``redis-server`` process; `RedisCluster` is three cluster-enabled
 masters joined with ``redis-cli --cluster create``. Both are context managers and leave
 nothing running behind them: each process is stopped on exit, and an ``atexit`` hook
 kills any that a crashed session did not stop. No persistence: every start is empty.
 
-The binaries come from ``scripts/install-servers``; `require_redis` says so when missing.
+`PostgresServer` is one PostgreSQL cluster made by ``initdb`` in a temp dir and run with
+``pg_ctl``, as the ``postgres`` user when the tests run as root (PostgreSQL refuses root).
+
+The binaries come from ``scripts/install-servers``; `require_redis` and `require_postgres`
+say so when missing.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import os
+import pwd
 import shutil
 import signal
 import socket
@@ -20,8 +27,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, NoReturn, Self
 
+import psycopg
 import redis
 
 STARTUP_TIMEOUT = 10.0
@@ -422,3 +430,282 @@ class RedisSentinel(RedisServer):
                     f"did not report {self.service} up within {STARTUP_TIMEOUT:g} s: {state}"
                 )
             time.sleep(POLL_INTERVAL)
+
+
+# --- PostgreSQL
+
+POSTGRES_DATABASE = "tenantguard"
+POSTGRES_USER = "postgres"
+# Debian keeps the server binaries off PATH, in /usr/lib/postgresql/<major>/bin/.
+POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"
+
+
+def postgres_bindir() -> Path | None:
+    """The newest Debian PostgreSQL bin dir, else the dir of an ``initdb`` on PATH."""
+    candidates = [
+        path for path in Path("/").glob(POSTGRES_BIN_GLOB.lstrip("/")) if (path / "initdb").exists()
+    ]
+    if candidates:
+
+        def major(path: Path) -> tuple[int, ...]:
+            version = path.parent.name
+            return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+        return max(candidates, key=major)
+    found = shutil.which("initdb")
+    return Path(found).parent if found is not None else None
+
+
+def require_postgres() -> Path:
+    """The PostgreSQL bin dir; raise `ServersMissingError` if there is none."""
+    bindir = postgres_bindir()
+    missing = (
+        ["initdb", "pg_ctl"]
+        if bindir is None
+        else [name for name in ("initdb", "pg_ctl") if not (bindir / name).exists()]
+    )
+    if bindir is None or missing:
+        raise ServersMissingError(
+            f"PostgreSQL's {' and '.join(missing)} not found in {POSTGRES_BIN_GLOB} or on "
+            "PATH; the ledger tests run against a real server. Install it with: "
+            "scripts/install-servers"
+        )
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(POSTGRES_USER)
+        except KeyError:
+            raise ServersMissingError(
+                f"running as root, but there is no {POSTGRES_USER!r} user to run PostgreSQL "
+                "as (it refuses root). Install the Debian package with: scripts/install-servers"
+            ) from None
+    return bindir
+
+
+_running_postgres: set[PostgresServer] = set()
+
+
+class PostgresServer:
+    """One PostgreSQL cluster on 127.0.0.1 with a ``tenantguard`` database, in a temp dir.
+
+    As root, the dir is chowned to ``postgres`` and ``initdb``/``pg_ctl`` run through
+    ``runuser -u postgres``; as anyone else they run as that user. Authentication is
+    ``trust`` for the ``postgres`` superuser; the Unix socket lives in the temp dir (not
+    ``/var/run/postgresql``), and ``fsync`` is on, as in production. `url` is
+    ``postgresql://postgres@127.0.0.1:<port>/tenantguard``.
+    """
+
+    def __init__(self, *, port: int | None = None) -> None:
+        self._fixed_port = port is not None
+        self.port = port if port is not None else free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="tenantguard-pg-"))
+        self.data_dir = self.directory / "data"
+        self.socket_dir = self.directory / "sock"
+        self.log_path = self.directory / "postgres.log"
+        self._bindir: Path | None = None
+        self._started = False
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{POSTGRES_USER}@127.0.0.1:{self.port}/{POSTGRES_DATABASE}"
+
+    def admin_url(self, database: str = "postgres") -> str:
+        return f"postgresql://{POSTGRES_USER}@127.0.0.1:{self.port}/{database}"
+
+    @property
+    def running(self) -> bool:
+        return self._started
+
+    def connect(self, database: str = POSTGRES_DATABASE) -> psycopg.Connection[Any]:
+        """A new autocommit connection as the superuser; close it after use."""
+        return psycopg.connect(self.admin_url(database), autocommit=True, connect_timeout=5)
+
+    def start(self) -> Self:
+        """initdb (first time), start with ``pg_ctl -w``, create the database."""
+        if self._started:
+            raise RuntimeError(f"PostgreSQL on port {self.port} is already running")
+        self._bindir = require_postgres()
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb()
+        attempt = 1
+        while True:
+            try:
+                self._pg_ctl_start()
+            except ServerStartError:
+                in_use = "already in use" in _log_tail(self.log_path)
+                if self._fixed_port or not in_use or attempt == PORT_ATTEMPTS:
+                    raise
+                self.port = free_port()
+                attempt += 1
+            else:
+                break
+        self._check_ours()
+        self._create_database()
+        return self
+
+    def stop(self) -> None:
+        """``pg_ctl stop -m fast``: clients are disconnected, the data is flushed."""
+        self._pg_ctl_stop("fast")
+
+    def close(self) -> None:
+        """Stop the server and remove the temp dir."""
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # internals
+
+    def _as_owner(self) -> list[str]:
+        return ["runuser", "-u", POSTGRES_USER, "--"] if os.geteuid() == 0 else []
+
+    def _bin(self, name: str) -> str:
+        assert self._bindir is not None
+        return str(self._bindir / name)
+
+    def _run(self, argv: list[str], what: str, *, timeout: float) -> None:
+        command = [*self._as_owner(), *argv]
+        with self.log_path.open("ab") as log:
+            log.write(f"--- {' '.join(command)}\n".encode())
+            log.flush()
+            try:
+                result = subprocess.run(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.directory,  # the owner may not enter the caller's cwd
+                    env=self._env(),
+                    timeout=timeout,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                self._fail(f"{what}: timed out after {timeout:g} s")
+        if result.returncode != 0:
+            self._fail(f"{what}: exit status {result.returncode}")
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["LC_ALL"] = "C"
+        return env
+
+    def _initdb(self) -> None:
+        self.socket_dir.mkdir(exist_ok=True)
+        self.log_path.touch()
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam(POSTGRES_USER)
+            for path in (self.directory, self.socket_dir, self.log_path):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        self._run(
+            [
+                self._bin("initdb"),
+                "-D", str(self.data_dir),
+                "-A", "trust",
+                "-U", POSTGRES_USER,
+                "-E", "UTF8",
+                "--no-locale",
+                "--no-sync",  # the empty cluster need not survive a power cut
+            ],
+            "initdb",
+            timeout=120,
+        )  # fmt: skip
+
+    def _pg_ctl_start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 "
+            "-c fsync=on -c max_connections=200"
+        )
+        _running_postgres.add(self)
+        self._started = True
+        try:
+            self._run(
+                [
+                    self._bin("pg_ctl"),
+                    "-D", str(self.data_dir),
+                    "-o", options,
+                    "-l", str(self.log_path),
+                    "-w", "-t", str(int(STARTUP_TIMEOUT * 3)),
+                    "start",
+                ],
+                f"pg_ctl start on port {self.port}",
+                timeout=STARTUP_TIMEOUT * 3 + 5,
+            )  # fmt: skip
+        except ServerStartError:
+            self._pg_ctl_stop("immediate")
+            raise
+
+    def _check_ours(self) -> None:
+        """pg_ctl -w saw our postmaster accept; make sure the TCP port reaches it too."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            try:
+                with psycopg.connect(self.admin_url(), connect_timeout=2) as conn:
+                    row = conn.execute("SHOW data_directory").fetchone()
+                if row is not None and Path(row[0]) == self.data_dir:
+                    return
+                self._pg_ctl_stop("immediate")
+                self._fail(f"port {self.port} answered for another data directory: {row}")
+            except psycopg.OperationalError as error:
+                if time.monotonic() >= deadline:
+                    self._pg_ctl_stop("immediate")
+                    self._fail(f"did not accept connections within {STARTUP_TIMEOUT:g} s: {error}")
+            time.sleep(POLL_INTERVAL)
+
+    def _create_database(self) -> None:
+        with self.connect("postgres") as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (POSTGRES_DATABASE,)
+            ).fetchone()
+            if exists is None:
+                conn.execute(f'CREATE DATABASE "{POSTGRES_DATABASE}"')
+
+    def _pg_ctl_stop(self, mode: str) -> None:
+        if not self._started:
+            return
+        self._started = False
+        _running_postgres.discard(self)
+        if not (self.data_dir / "postmaster.pid").exists():
+            return
+        command = [
+            *self._as_owner(),
+            self._bin("pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w",
+            "-t", str(int(STOP_TIMEOUT * 6)), "stop",
+        ]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            subprocess.run(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+                env=self._env(),
+                timeout=STOP_TIMEOUT * 6 + 5,
+                check=False,
+            )
+
+    def _fail(self, what: str) -> NoReturn:
+        raise ServerStartError(
+            f"PostgreSQL on 127.0.0.1:{self.port} ({self.data_dir}) {what}; "
+            f"last lines of {self.log_path}:\n{_log_tail(self.log_path)}"
+        )
+
+
+@atexit.register
+def _stop_postgres_leftovers() -> None:
+    for server in list(_running_postgres):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            server._pg_ctl_stop("immediate")

@@ -329,17 +329,25 @@ def fake_run(monkeypatch: pytest.MonkeyPatch) -> FakeRun:
     monkeypatch.setattr(uvicorn, "run", fake)
     for name in ("POLICY", "HOST", "PORT", "COUNTERS", "LEDGER", "ADMIN_TOKEN", "SERVICE_TOKEN"):
         monkeypatch.delenv(f"TENANTGUARD_{name}", raising=False)
+    # no ledger file left in the working directory by tests that don't name one
+    monkeypatch.setenv("TENANTGUARD_LEDGER", "memory")
     return fake
 
 
 async def test_serve_reads_the_environment_and_prints_a_working_token(
     runner: CliRunner, policy_file: Path, fake_run: FakeRun
 ) -> None:
-    env = {"TENANTGUARD_POLICY": str(policy_file), "TENANTGUARD_PORT": "18099"}
+    ledger = policy_file.parent / "ledger.db"
+    env = {
+        "TENANTGUARD_POLICY": str(policy_file),
+        "TENANTGUARD_PORT": "18099",
+        "TENANTGUARD_LEDGER": f"sqlite:///{ledger}",
+    }
     result = runner.invoke(app, ["serve", "--host", "0.0.0.0"], env=env)
     assert result.exit_code == 0, result.output
     assert fake_run.options == {"host": "0.0.0.0", "port": 18099}
-    assert "tenant records are kept in memory" in result.stdout
+    assert f"ledger sqlite:///{ledger}" in result.stdout
+    assert ledger.exists()  # the durable ledger was opened and migrated
     match = re.search(r"generated token \(admin and service\): (\S+)", result.stdout)
     assert match is not None
     transport = httpx.ASGITransport(app=fake_run.app)

@@ -12,21 +12,35 @@ from tenantguard.errors import (
     UnknownLeaseError,
 )
 from tenantguard.guard import Guard
+from tenantguard.increases import RequestConflict, UnknownRequestError
+from tenantguard.ledger import EventRecord, IncreaseRequest, OverrideRecord, TenantRecord
+from tenantguard.overrides import OverrideRefused, UnknownLimitError
 from tenantguard.policy import Policy, load_policy, parse_policy
-from tenantguard.tenants import TenantRecord, UnknownPlanError
+from tenantguard.quotas import QuotaExceeded, UnknownQuotaError, Usage
+from tenantguard.tenants import UnknownPlanError
 
 __all__ = [
     "Decision",
+    "EventRecord",
     "Guard",
+    "IncreaseRequest",
+    "OverrideRecord",
+    "OverrideRefused",
     "Policy",
     "PolicyError",
     "PolicyIssue",
+    "QuotaExceeded",
+    "RequestConflict",
     "RuleCheck",
     "StoreError",
     "TenantRecord",
     "TenantguardError",
     "UnknownLeaseError",
+    "UnknownLimitError",
     "UnknownPlanError",
+    "UnknownQuotaError",
+    "UnknownRequestError",
+    "Usage",
     "load_policy",
     "parse_policy",
 ]

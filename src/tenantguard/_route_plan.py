@@ -32,5 +32,7 @@ class RoutePlan:
     tenant_keyed: bool
     leased: bool
     countable: bool
+    warn_at: tuple[int, ...]
+    """Per spec: a ``remaining`` at or below this means the warning threshold is crossed."""
     bound: Any = None
     """Store-specific handles for ``specs`` (the memory store's tables), if any."""

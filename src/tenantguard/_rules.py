@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from tenantguard._paths import PathTemplate
 
-__all__ = ["CompiledRule"]
+__all__ = ["CompiledQuota", "CompiledRule"]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -36,3 +36,18 @@ class CompiledRule:
 
     def excluded(self, segments: tuple[str, ...]) -> bool:
         return any(template.matches(segments) for template in self.excepts)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CompiledQuota:
+    """One ``quotas`` entry. ``period`` is ``None`` for an entity cap (a count of things
+    a tenant has), else the calendar period a usage quota resets on. ``counts_toward``
+    is already expanded transitively, so acquiring one of these takes one of each."""
+
+    name: str
+    description: str
+    values: tuple[int | str, ...]
+    counts_toward: tuple[str, ...]
+    per: str | None
+    period: str | None
+    warning_threshold: int

@@ -238,17 +238,10 @@ def serve(
             )
     loaded = _load(policy)
     try:
-        guard = Guard(loaded, counters=counters)
+        guard = Guard(loaded, counters=counters, ledger=ledger)
     except ValueError as error:
-        _fail(f"--counters {counters}: {error}", 2)
+        _fail(f"--counters {counters} / --ledger {ledger}: {error}", 2)
     console = _out()
-    console.print(
-        Text(
-            f"warning: ledger {ledger} is not used yet; tenant records are kept in memory "
-            "and lost on restart",
-            style="yellow",
-        )
-    )
     admin_token = os.environ.get("TENANTGUARD_ADMIN_TOKEN") or ""
     service_token = os.environ.get("TENANTGUARD_SERVICE_TOKEN") or admin_token
     if not admin_token and not service_token:
@@ -257,6 +250,7 @@ def serve(
     elif not admin_token:
         admin_token = secrets.token_urlsafe(24)
         console.print(Text(f"TENANTGUARD_ADMIN_TOKEN not set; generated: {admin_token}"))
-    console.print(Text(f"policy {policy}; listening on http://{host}:{port}"))
+    console.print(Text(f"policy {policy}; counters {counters}; ledger {ledger}"))
+    console.print(Text(f"listening on http://{host}:{port}"))
     server = create_app(guard, service_token=service_token, admin_token=admin_token)
     uvicorn.run(server, host=host, port=port)

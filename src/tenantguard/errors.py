@@ -5,7 +5,13 @@ The tree, so callers can catch as broadly or narrowly as they need::
     TenantguardError
     ├── PolicyError          a policy file is invalid; carries every located problem
     ├── UnknownLeaseError    release() of a lease this guard never issued
-    └── StoreError           a counter store could not answer; keeps the original as __cause__
+    ├── StoreError           a counter store could not answer; keeps the original as __cause__
+    ├── QuotaExceeded        an acquisition would cross a cap (.status 403, or 429 for usage)
+    ├── OverrideRefused      (also ValueError) an override a hard plan cannot take
+    ├── RequestConflict      an increase request that was already decided
+    └── UnknownQuotaError, UnknownLimitError, UnknownRequestError   (also KeyError)
+
+``UnknownPlanError`` is a ``ValueError``: the caller named a plan the policy lacks.
 
 Rate-limit denials are not exceptions: ``Guard.check`` returns a ``Decision`` whose
 ``allowed`` is false, because a denial is an expected answer, not a failure.

@@ -8,26 +8,38 @@ does I/O, so a synchronous facade shares the first and last without a copy.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from tenantguard._effective import effective_limit
+from tenantguard._effective import effective_limit, effective_value
 from tenantguard._leases import decode_lease, encode_lease, new_lease_id
 from tenantguard._metrics import DEGRADED_DECISIONS
+from tenantguard._periods import current_period
 from tenantguard._route_plan import RoutePlan
 from tenantguard._rules import CompiledRule
 from tenantguard.algorithms import NEVER, Outcome
 from tenantguard.decision import Decision, RuleCheck
 from tenantguard.errors import StoreError
+from tenantguard.events import EventSink
+from tenantguard.increases import IncreaseRequests
+from tenantguard.ledger import EventRecord, Ledger, OverrideRecord, TenantRecord, open_ledger
+from tenantguard.overrides import Overrides
 from tenantguard.policy import UNAVAILABLE, Policy
+from tenantguard.quotas import Quotas
 from tenantguard.stores import CounterSpec, CounterStore, MemoryCounters, open_counters
-from tenantguard.tenants import MemoryTenants, TenantRecord, TenantRecords
+from tenantguard.tenants import Tenants, check_tenant_id
 
 __all__ = ["Guard"]
 
 Clock = Callable[[], float]
 _PLAN_CACHE_SIZE = 16384
+_STATE_CACHE_SIZE = 100_000
+_NOTICED_SIZE = 100_000
+_ALIGNED = ("fixed-window", "sliding-window")
 
 
 def _open_counters(counters: str | CounterStore) -> CounterStore:
@@ -71,11 +83,31 @@ def counter_key(
     return "".join(values)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class TenantState:
+    """What a check needs to know of a tenant, cached for at most ``tenant_ttl`` seconds
+    (and never past the expiry of one of its overrides)."""
+
+    tenant: str
+    record: TenantRecord | None
+    plan: str
+    slot: int
+    enforcement: str
+    overrides: dict[str, OverrideRecord]
+    version: int
+    expires: float
+
+
 class Guard:
     """Checks requests against a policy; see DESIGN.md for the whole API.
 
-    ``counters`` is ``"memory"`` (default) or a ``CounterStore``; ``clock`` returns epoch
-    seconds and is the only time source (inject one in tests and simulations).
+    ``counters`` is ``"memory"`` (default), a Redis URL or a ``CounterStore``; ``ledger``
+    is ``"memory"`` (default), a ``sqlite:///`` or ``postgresql://`` URL or a ``Ledger``.
+    ``clock`` returns epoch seconds and is the only time source (inject one in tests).
+
+    Tenant records and overrides are cached in process for ``tenant_ttl`` seconds
+    (default 2): a change made through this guard applies at once, a change made through
+    another replica within that bound.
     """
 
     def __init__(
@@ -83,22 +115,111 @@ class Guard:
         policy: Policy,
         *,
         counters: str | CounterStore = "memory",
-        tenants: TenantRecords | None = None,
+        ledger: str | Ledger = "memory",
         clock: Clock = time.time,
+        tenant_ttl: float = 2.0,
     ) -> None:
         self.policy = policy
         self._clock = clock
         self._store = _open_counters(counters)
         self._local = self._store if isinstance(self._store, MemoryCounters) else None
-        self.tenants: TenantRecords = tenants or MemoryTenants(self._plan_names, clock)
+        self.ledger: Ledger = open_ledger(ledger) if isinstance(ledger, str) else ledger
+        self.events = EventSink(self.ledger, clock, retention=policy.document.events.retention)
+        self.tenants = Tenants(self)
+        self.quotas = Quotas(self)
+        self.overrides = Overrides(self)
+        self.increase_requests = IncreaseRequests(self)
         self._styles = policy.document.headers
         self._default_slot = policy.plan_index[policy.default_plan]
         self._default_plan = policy.default_plan
-        self._peek = self.tenants.peek
-        self._plans: dict[tuple[str, str, int], RoutePlan] = {}
+        self._tenant_ttl = tenant_ttl
+        self._states: dict[str, TenantState] = {}
+        self._versions = itertools.count(1)
+        self._plans: dict[tuple[Any, ...], RoutePlan] = {}
+        self._noticed: dict[tuple[str, str, float], None] = {}
 
-    def _plan_names(self) -> set[str]:
-        return set(self.policy.plan_index)
+    def now(self) -> float:
+        return self._clock()
+
+    async def tenant_state(self, tenant: str) -> TenantState:
+        """The tenant's plan and live overrides, from cache or the ledger."""
+        state = self._states.get(tenant)
+        now = self._clock()
+        if state is None or state.expires <= now:
+            state = await self._load_state(tenant, now)
+        return state
+
+    async def limits(self, tenant: str) -> dict[str, Any]:
+        """Every effective rate limit, quota and entitlement of ``tenant``, with current
+        usage and where each value came from (``plan``, ``override``, or
+        ``contract-default`` for a contract plan's limit the contract does not set)."""
+        state = await self.tenant_state(tenant)
+        now = self._clock()
+        slot, enforcement = state.slot, state.enforcement
+        rates = []
+        for rule in self.policy.rules:
+            value, source = effective_value(
+                rule.values[slot], enforcement, state.overrides.get(rule.name), now
+            )
+            _, burst = effective_limit(rule, slot, enforcement, state.overrides, now)
+            rates.append({
+                "name": rule.name, "group": rule.group, "algorithm": rule.algorithm,
+                "window": rule.window or None, "value": value, "source": source,
+                "burst": burst if rule.algorithm in ("token-bucket", "gcra") else None,
+                "mode": "shadow" if rule.shadow else "enforce",
+            })  # fmt: skip
+        rows = await self.ledger.usage(tenant)
+        quotas = []
+        for quota in self.policy.quotas.values():
+            value, source = effective_value(
+                quota.values[slot], enforcement, state.overrides.get(quota.name), now
+            )
+            period, resets_at = current_period(quota.period, now)
+            mine = [row for row in rows if row.quota == quota.name and row.period == period]
+            usage = [{"scope": row.scope or None, "used": row.used} for row in mine]
+            quotas.append({
+                "name": quota.name, "limit": value, "source": source, "per": quota.per,
+                "period": quota.period, "resets_at": resets_at,
+                "used": sum(row.used for row in mine) if quota.per is None else None,
+                "usage": usage,
+            })  # fmt: skip
+        return {
+            "tenant": tenant,
+            "plan": state.plan,
+            "enforcement": enforcement,
+            "rate_limits": rates,
+            "quotas": quotas,
+            "entitlements": {
+                name: values[slot] for name, values in self.policy.entitlements.items()
+            },
+        }
+
+    def forget(self, tenant: str) -> None:
+        """Drop the cached state, so the next check reads the ledger."""
+        self._states.pop(tenant, None)
+
+    async def _load_state(self, tenant: str, now: float) -> TenantState:
+        check_tenant_id(tenant)
+        record = await self.ledger.get_tenant(tenant)
+        live = {
+            item.name: item
+            for item in await self.ledger.overrides(tenant)
+            if item.expires_at is None or item.expires_at > now
+        }
+        plan, slot = self._default_plan, self._default_slot
+        if record is not None and record.plan in self.policy.plan_index:
+            plan, slot = record.plan, self.policy.plan_index[record.plan]
+        expires = min(
+            [now + self._tenant_ttl, *(o.expires_at for o in live.values() if o.expires_at)]
+        )
+        state = TenantState(
+            tenant, record, plan, slot, self.policy.enforcement(slot), live,
+            next(self._versions), expires,
+        )  # fmt: skip
+        if len(self._states) >= _STATE_CACHE_SIZE:
+            del self._states[next(iter(self._states))]
+        self._states[tenant] = state
+        return state
 
     async def check(
         self,
@@ -118,12 +239,15 @@ class Guard:
         if tenant.__class__ is not str or not tenant:
             raise ValueError("tenant must be a non-empty string")
         now = self._clock()
-        record = self._peek(tenant)
-        if record is None:
-            plan, slot = self._default_plan, self._default_slot
+        state = self._states.get(tenant)
+        if state is None or state.expires <= now:
+            state = await self._load_state(tenant, now)
+        plan, slot = state.plan, state.slot
+        if state.overrides:
+            key: tuple[Any, ...] = (method, path, slot, tenant, state.version)
         else:
-            plan, slot = self._plan_of(record)
-        route = self._plans.get((method, path, slot)) or self._route(method, path, slot, record)
+            key = (method, path, slot)
+        route = self._plans.get(key) or self._route(key, state, now)
         outcomes: list[Outcome] = []
         keys: list[str] = []
         lease = None
@@ -163,7 +287,10 @@ class Guard:
                 continue
 
     async def close(self) -> None:
+        """Write pending events, then close the counter store and the ledger."""
+        await self.events.close()
         await self._store.close()
+        await self.ledger.close()
 
     async def __aenter__(self) -> Guard:
         return self
@@ -171,19 +298,13 @@ class Guard:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def _plan_of(self, record: TenantRecord | None) -> tuple[str, int]:
-        if record is not None:
-            slot = self.policy.plan_index.get(record.plan)
-            if slot is not None:
-                return record.plan, slot
-        return self.policy.default_plan, self._default_slot
-
-    def _route(self, method: str, path: str, slot: int, record: TenantRecord | None) -> RoutePlan:
-        plan = self.policy.plans[slot].name
+    def _route(self, key: tuple[Any, ...], state: TenantState, now: float) -> RoutePlan:
+        method, path, slot = key[0], key[1], key[2]
+        plan = state.plan
         rules, specs, fixed = [], [], []
         unavailable = None
         for rule in self.policy.routes.match(method, path):
-            value, burst = effective_limit(rule, slot, record)
+            value, burst = effective_limit(rule, slot, state.enforcement, state.overrides, now)
             if isinstance(value, str):  # unlimited or unavailable: no counter
                 check = RuleCheck(
                     rule.name,
@@ -225,11 +346,17 @@ class Guard:
             tenant_keyed=all(rule.per == ("tenant",) for rule in rules),
             leased=any(rule.algorithm == "concurrency" for rule in rules),
             countable=bool(specs) and unavailable is None,
+            warn_at=tuple(
+                _ceiling(spec) - -(-_ceiling(spec) * rule.warning_threshold // 100)
+                if spec.enforce
+                else -1
+                for rule, spec in zip(rules, specs, strict=True)
+            ),
             bound=self._local.bind(specs) if self._local is not None and specs else None,
         )
         if len(self._plans) >= _PLAN_CACHE_SIZE:
             del self._plans[next(iter(self._plans))]
-        self._plans[(method, path, slot)] = route
+        self._plans[key] = route
         return route
 
     def _degraded(
@@ -263,6 +390,25 @@ class Guard:
             True,
         )
 
+    def _notice(
+        self, kind: str, tenant: str, route: RoutePlan, index: int, outcome: Outcome, now: float
+    ) -> None:
+        """Emit a warning or violation event once per window per rule per tenant."""
+        rule, spec = route.rules[index], route.specs[index]
+        window = outcome[3] if rule.algorithm in _ALIGNED else now // (rule.window or 1.0)
+        key = (tenant, f"{kind}:{rule.name}", window)
+        if key in self._noticed:
+            return
+        if len(self._noticed) >= _NOTICED_SIZE:
+            self._noticed.clear()
+        self._noticed[key] = None
+        self.events.emit(
+            EventRecord(
+                tenant, kind, rule.name, now,
+                {"limit": spec.limit, "remaining": outcome[2], "reset": outcome[3]},
+            )
+        )  # fmt: skip
+
     def _decide(
         self,
         tenant: str,
@@ -277,13 +423,23 @@ class Guard:
         # the binding rule: the denial with the longest wait, else the least remaining
         denied = bound = -1
         specs = route.specs
+        warn_at = route.warn_at
+        crossed: list[int] | None = None
         for index, outcome in enumerate(outcomes):
             if specs[index][5]:
                 if not outcome[0]:
                     if denied < 0 or outcome[4] > outcomes[denied][4]:
                         denied = index
-                elif bound < 0 or outcome[2] < outcomes[bound][2]:
-                    bound = index
+                else:
+                    if bound < 0 or outcome[2] < outcomes[bound][2]:
+                        bound = index
+                    if outcome[2] <= warn_at[index]:
+                        crossed = [*(crossed or ()), index]
+        if denied >= 0:
+            self._notice("violation", tenant, route, denied, outcomes[denied], now)
+        elif crossed:
+            for index in crossed:
+                self._notice("warning", tenant, route, index, outcomes[index], now)
         checks = (route, outcomes, cost, denied >= 0)
         if route.unavailable is not None:
             check = route.unavailable

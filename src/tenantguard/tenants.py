@@ -1,101 +1,70 @@
-"""Tenant records and the interface a ledger implements to keep them.
+"""Tenant records (``guard.tenants``): a plan and metadata per tenant id.
 
-The in-memory ``MemoryTenants`` is the embedded implementation; the durable ledger
-(SQLite, PostgreSQL) implements the same ``TenantRecords`` protocol. ``peek`` is the
-synchronous read the hot path uses: the in-memory store answers it directly, a durable
-store answers from its bounded in-process cache.
+Records live in the ledger. Changing a plan never deletes anything: counters, counts and
+overrides stay, and only what the new plan no longer allows is refused from then on.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from types import MappingProxyType
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["MemoryTenants", "TenantRecord", "TenantRecords", "UnknownPlanError"]
+from tenantguard.ledger._base import EventRecord, TenantRecord
+
+if TYPE_CHECKING:
+    from tenantguard.guard import Guard
+
+__all__ = ["TenantRecord", "Tenants", "UnknownPlanError"]
 
 
 class UnknownPlanError(ValueError):
     """A tenant was given a plan the policy does not define."""
 
 
-@dataclass(frozen=True, slots=True)
-class TenantRecord:
-    tenant: str
-    plan: str
-    metadata: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    created_at: float = 0.0
-    updated_at: float = 0.0
+def check_tenant_id(tenant: object) -> str:
+    if not isinstance(tenant, str) or not tenant:
+        raise ValueError("tenant id must be a non-empty string")
+    if len(tenant) > 1024:
+        raise ValueError("tenant id must be at most 1024 characters")
+    return tenant
 
 
-class TenantRecords(Protocol):
-    async def upsert(
-        self, tenant: str, *, plan: str, metadata: Mapping[str, Any] | None = None
-    ) -> TenantRecord: ...
-
-    async def get(self, tenant: str) -> TenantRecord | None: ...
-
-    async def delete(self, tenant: str) -> bool: ...
-
-    async def list(self, *, prefix: str = "", limit: int = 1000) -> list[TenantRecord]: ...
-
-    def peek(self, tenant: str) -> TenantRecord | None: ...
-
-
-class MemoryTenants:
-    """Tenant records in a dict. ``plans`` validates plan names; ``clock`` stamps times."""
-
-    def __init__(self, plans: Callable[[], set[str]], clock: Callable[[], float]) -> None:
-        self._records: dict[str, TenantRecord] = {}
-        self._plans = plans
-        self._clock = clock
-        self._lock = threading.Lock()
-
-    def _validate(self, tenant: str, plan: str) -> None:
-        if not isinstance(tenant, str) or not tenant:
-            raise ValueError("tenant id must be a non-empty string")
-        known = self._plans()
-        if plan not in known:
-            raise UnknownPlanError(
-                f"plan {plan!r} is not in the policy; expected one of: {', '.join(sorted(known))}"
-            )
+class Tenants:
+    def __init__(self, guard: Guard) -> None:
+        self._guard = guard
 
     async def upsert(
         self, tenant: str, *, plan: str, metadata: Mapping[str, Any] | None = None
     ) -> TenantRecord:
-        """Create or change a tenant. Changing the plan keeps every counter and count."""
-        self._validate(tenant, plan)
-        now = self._clock()
-        with self._lock:
-            old = self._records.get(tenant)
-            meta = MappingProxyType(dict(metadata)) if metadata is not None else None
-            if old is None:
-                record = TenantRecord(tenant, plan, meta or MappingProxyType({}), now, now)
-            else:
-                record = replace(
-                    old,
-                    plan=plan,
-                    metadata=meta if meta is not None else old.metadata,
-                    updated_at=now,
+        """Create or change a tenant; ``metadata=None`` keeps what it had."""
+        check_tenant_id(tenant)
+        guard = self._guard
+        known = guard.policy.plan_index
+        if plan not in known:
+            raise UnknownPlanError(
+                f"plan {plan!r} is not in the policy; expected one of: {', '.join(known)}"
+            )
+        now = guard.now()
+        record, before = await guard.ledger.upsert_tenant(tenant, plan, metadata, now)
+        guard.forget(tenant)
+        if before is None or before.plan != plan:
+            guard.events.emit(
+                EventRecord(
+                    tenant, "plan_changed", plan, now,
+                    {"from": None if before is None else before.plan, "to": plan},
                 )
-            self._records[tenant] = record
-            return record
+            )  # fmt: skip
+        return record
 
     async def get(self, tenant: str) -> TenantRecord | None:
-        return self._records.get(tenant)
+        return await self._guard.ledger.get_tenant(tenant)
 
     async def delete(self, tenant: str) -> bool:
-        with self._lock:
-            return self._records.pop(tenant, None) is not None
+        """Forget the tenant's record (it falls back to the default plan); its counts,
+        overrides and history are kept."""
+        removed = await self._guard.ledger.delete_tenant(tenant)
+        self._guard.forget(tenant)
+        return removed
 
     async def list(self, *, prefix: str = "", limit: int = 1000) -> list[TenantRecord]:
-        records = sorted(
-            (record for record in self._records.values() if record.tenant.startswith(prefix)),
-            key=lambda record: record.tenant,
-        )
-        return records[:limit]
-
-    def peek(self, tenant: str) -> TenantRecord | None:
-        return self._records.get(tenant)
+        return await self._guard.ledger.list_tenants(prefix=prefix, limit=limit)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from tenantguard._paths import parse_template
 from tenantguard._routing import RouteTable, find_conflicts
-from tenantguard._rules import CompiledRule
+from tenantguard._rules import CompiledQuota, CompiledRule
 from tenantguard.errors import PolicyError, PolicyIssue
 from tenantguard.policy._model import (
     UNLIMITED,
@@ -347,4 +347,39 @@ def _compile(document: PolicyDocument, located: Located, source: str) -> Policy:
         rules=compiled,
         routes=RouteTable(compiled),
         plan_index=plan_index,
+        quotas=_compile_quotas(document),
+        entitlements={
+            name: tuple(values.get(plan.name, values.get("default")) for plan in document.plans)
+            for name, values in document.entitlements.items()
+        },
+        rules_by_name={rule.name: rule for rule in compiled},
     )
+
+
+def _compile_quotas(document: PolicyDocument) -> dict[str, CompiledQuota]:
+    specs = {quota.name: quota for quota in document.quotas}
+
+    def toward(name: str) -> tuple[str, ...]:
+        # transitively; the loader has already refused cycles
+        out: list[str] = []
+        for target in specs[name].counts_toward:
+            for found in (target, *toward(target)):
+                if found not in out:
+                    out.append(found)
+        return tuple(out)
+
+    return {
+        quota.name: CompiledQuota(
+            name=quota.name,
+            description=quota.description,
+            values=tuple(
+                quota.limits.get(plan.name, quota.limits.get("default", UNLIMITED))
+                for plan in document.plans
+            ),
+            counts_toward=toward(quota.name),
+            per=quota.per,
+            period=quota.period,
+            warning_threshold=quota.warning_threshold or document.warning_threshold,
+        )
+        for quota in document.quotas
+    }

@@ -6,17 +6,19 @@
 -- apply:   KEYS[i] the counter key of spec i
 --          ARGV "apply", now ("" = the server's TIME), cost, lease id, then per spec:
 --          algorithm code (f, s, t, g, c), limit, window (lease ttl for c), burst, enforce (1/0)
---          returns { now, {allowed, remaining, reset, retry_after}... } with floats as
---          strings; nothing is written unless every enforced spec admitted.
+--          returns { now as text, {allowed, remaining, reset, retry_after}... } with reset and
+--          retry_after in whole microseconds (retry_after -1: never); nothing is written
+--          unless every enforced spec admitted.
 --          "probe" answers the same without writing.
 -- refund:  KEYS and ARGV as for the apply being taken back (with the now it used): gives
 --          back what that apply counted. Commutative with other calls, so it is exact
 --          even when other decisions have written the keys in between.
 -- release: KEYS[1] a concurrency counter; ARGV "release", now, lease id
 --
--- States are strings of numbers in %.17g (exact round trip for doubles):
---   f: "start used"   s: "start previous current"   t, g: "wait at"
---   c: "id expires cost" triples, space separated
+-- States are MessagePack arrays (exact doubles, and packed in C, which matters: text
+-- formatting was the largest cost of a call):
+--   f: start, used   s: start, previous, current   t, g: wait, at
+--   c: id, expires, cost, id, expires, cost, ...
 
 local EPSILON = 1e-9
 local EARLY = 1e-6
@@ -26,14 +28,17 @@ local function num(x)
   return string.format('%.17g', x)
 end
 
+local unpack_table = unpack  -- Lua 5.1's global: a table's items as values
+local pack, unpack = cmsgpack.pack, cmsgpack.unpack
+
 local function split(state)
-  local out = {}
-  if state then
-    for word in string.gmatch(state, '%S+') do
-      out[#out + 1] = word
-    end
-  end
-  return out
+  if state then return { unpack(state) } end
+  return {}
+end
+
+local function micros(x)
+  if x == NEVER then return -1 end
+  return math.floor(x * 1000000 + 0.5)
 end
 
 local function floor0(x)
@@ -47,9 +52,9 @@ local function fixed_window(state, now, limit, window, burst, cost)
   local reset = start + window
   local f = split(state)
   local used = 0
-  if #f == 2 and tonumber(f[1]) == start then used = tonumber(f[2]) end
+  if #f == 2 and f[1] == start then used = f[2] end
   if used + cost <= limit then
-    return true, num(start) .. ' ' .. num(used + cost), limit - used - cost, reset, 0, reset
+    return true, pack(start, used + cost), limit - used - cost, reset, 0, reset
   end
   local retry = reset - now
   if cost > limit then retry = NEVER end
@@ -61,11 +66,11 @@ local function sliding_window(state, now, limit, window, burst, cost)
   local previous, current = 0, 0
   local f = split(state)
   if #f == 3 then
-    local at = tonumber(f[1])
+    local at = f[1]
     if at == start then
-      previous, current = tonumber(f[2]), tonumber(f[3])
+      previous, current = f[2], f[3]
     elseif at == start - window then
-      previous = tonumber(f[3])
+      previous = f[3]
     end
   end
   local weight = 1.0 - (now - start) / window
@@ -73,7 +78,7 @@ local function sliding_window(state, now, limit, window, burst, cost)
   local reset = start + window
   if estimate + cost <= limit + EPSILON + previous * EARLY / window then
     local remaining = math.max(math.floor(limit - estimate - cost + EPSILON), 0)
-    local new = num(start) .. ' ' .. num(previous) .. ' ' .. num(current + cost)
+    local new = pack(start, previous, current + cost)
     return true, new, remaining, reset, 0, start + 2 * window
   end
   local remaining = math.max(math.floor(limit - estimate + EPSILON), 0)
@@ -92,12 +97,12 @@ local function token_bucket(state, now, limit, window, burst, cost)
   local rate = limit / window
   local wait = 0.0
   local f = split(state)
-  if #f == 2 then wait = tonumber(f[1]) - (now - tonumber(f[2])) end
+  if #f == 2 then wait = f[1] - (now - f[2]) end
   if wait < 0.0 then wait = 0.0 end
   local tokens = burst - wait * rate
   if tokens + EARLY * rate >= cost then
     wait = wait + cost / rate
-    return true, num(wait) .. ' ' .. num(now), floor0(tokens - cost + EPSILON), now + wait, 0,
+    return true, pack(wait, now), floor0(tokens - cost + EPSILON), now + wait, 0,
       now + wait
   end
   local retry = (cost - tokens) / rate
@@ -113,12 +118,12 @@ local function gcra(state, now, limit, window, burst, cost)
   local tolerance = burst * interval
   local ahead = 0.0
   local f = split(state)
-  if #f == 2 then ahead = tonumber(f[1]) - (now - tonumber(f[2])) end
+  if #f == 2 then ahead = f[1] - (now - f[2]) end
   if ahead < 0.0 then ahead = 0.0 end
   local new_ahead = ahead + cost * interval
   if new_ahead <= tolerance + EARLY then
     local left = (tolerance - new_ahead) / interval + EPSILON
-    return true, num(new_ahead) .. ' ' .. num(now), floor0(left), now + new_ahead, 0,
+    return true, pack(new_ahead, now), floor0(left), now + new_ahead, 0,
       now + new_ahead
   end
   local retry = new_ahead - tolerance
@@ -134,22 +139,24 @@ local function live_leases(state, now)
   local f = split(state)
   local ids, exps, costs = {}, {}, {}
   for i = 1, #f - 2, 3 do
-    local expires = tonumber(f[i + 1])
+    local expires = f[i + 1]
     if expires > now then
       ids[#ids + 1] = f[i]
       exps[#exps + 1] = expires
-      costs[#costs + 1] = tonumber(f[i + 2])
+      costs[#costs + 1] = f[i + 2]
     end
   end
   return ids, exps, costs
 end
 
 local function encode_leases(ids, exps, costs)
-  local parts = {}
+  local flat = {}
   for i = 1, #ids do
-    parts[#parts + 1] = ids[i] .. ' ' .. num(exps[i]) .. ' ' .. num(costs[i])
+    flat[#flat + 1] = ids[i]
+    flat[#flat + 1] = exps[i]
+    flat[#flat + 1] = costs[i]
   end
-  return table.concat(parts, ' ')
+  return pack(unpack_table(flat))
 end
 
 local function concurrency(state, now, limit, ttl, burst, cost, lease)
@@ -217,20 +224,20 @@ local function refund(code, key, now, limit, window, burst, cost, lease)
   local f = split(state)
   local new
   if code == 'f' then
-    if tonumber(f[1]) ~= now - math.fmod(now, window) then return end
-    new = f[1] .. ' ' .. num(math.max(tonumber(f[2]) - cost, 0))
+    if f[1] ~= now - math.fmod(now, window) then return end
+    new = pack(f[1], math.max(f[2] - cost, 0))
   elseif code == 's' then
     local start = now - math.fmod(now, window)
-    local at = tonumber(f[1])
+    local at = f[1]
     if at == start then
-      new = f[1] .. ' ' .. f[2] .. ' ' .. num(math.max(tonumber(f[3]) - cost, 0))
+      new = pack(f[1], f[2], math.max(f[3] - cost, 0))
     elseif at == start + window then
-      new = f[1] .. ' ' .. num(math.max(tonumber(f[2]) - cost, 0)) .. ' ' .. f[3]
+      new = pack(f[1], math.max(f[2] - cost, 0), f[3])
     else
       return
     end
   elseif code == 't' or code == 'g' then
-    new = num(math.max(tonumber(f[1]) - cost * window / limit, 0)) .. ' ' .. f[2]
+    new = pack(math.max(f[1] - cost * window / limit, 0), f[2])
   else
     local ids, exps, costs = live_leases(state, now)
     local keep_ids, keep_exps, keep_costs = {}, {}, {}
@@ -240,6 +247,10 @@ local function refund(code, key, now, limit, window, burst, cost, lease)
         keep_exps[#keep_exps + 1] = exps[i]
         keep_costs[#keep_costs + 1] = costs[i]
       end
+    end
+    if #keep_ids == 0 then
+      redis.call('DEL', key)
+      return
     end
     new = encode_leases(keep_ids, keep_exps, keep_costs)
   end
@@ -284,7 +295,7 @@ for i = 1, #KEYS do
   elseif not allowed and enforce then
     blocked = true
   end
-  replies[#replies + 1] = { allowed and 1 or 0, remaining, num(reset), num(retry) }
+  replies[#replies + 1] = { allowed and 1 or 0, remaining, micros(reset), micros(retry) }
 end
 
 if not blocked and op ~= 'probe' then
