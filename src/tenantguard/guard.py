@@ -26,7 +26,14 @@ from tenantguard.decision import Decision, RuleCheck
 from tenantguard.errors import StoreError
 from tenantguard.events import EventSink
 from tenantguard.increases import IncreaseRequests
-from tenantguard.ledger import EventRecord, Ledger, OverrideRecord, TenantRecord, open_ledger
+from tenantguard.ledger import (
+    EventRecord,
+    Ledger,
+    MemoryLedger,
+    OverrideRecord,
+    TenantRecord,
+    open_ledger,
+)
 from tenantguard.overrides import Overrides
 from tenantguard.policy import UNAVAILABLE, Policy
 from tenantguard.quotas import Quotas
@@ -106,8 +113,8 @@ class Guard:
     ``clock`` returns epoch seconds and is the only time source (inject one in tests).
 
     Tenant records and overrides are cached in process for ``tenant_ttl`` seconds
-    (default 2): a change made through this guard applies at once, a change made through
-    another replica within that bound.
+    (default 2) when the ledger is shared (SQLite file, PostgreSQL): a change made through
+    this guard applies at once, one made through another replica within that bound.
     """
 
     def __init__(
@@ -132,7 +139,8 @@ class Guard:
         self._styles = policy.document.headers
         self._default_slot = policy.plan_index[policy.default_plan]
         self._default_plan = policy.default_plan
-        self._tenant_ttl = tenant_ttl
+        # an in-process ledger has no other writer: what this guard changes it forgets
+        self._tenant_ttl = math.inf if isinstance(self.ledger, MemoryLedger) else tenant_ttl
         self._states: dict[str, TenantState] = {}
         self._versions = itertools.count(1)
         self._plans: dict[tuple[Any, ...], RoutePlan] = {}
