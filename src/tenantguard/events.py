@@ -46,6 +46,7 @@ class EventSink:
         self._capacity = capacity
         self._task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
+        self._writing = asyncio.Lock()
         self._purged_at: float | None = None
         self.dropped = 0
 
@@ -64,7 +65,13 @@ class EventSink:
             self._task = loop.create_task(self._run())
 
     async def flush(self) -> None:
-        """Write everything buffered now (also purges when a purge is due)."""
+        """Write everything buffered now (also purges when a purge is due). Returns only
+        once every event emitted before the call is written, including a batch the
+        background writer had already taken."""
+        async with self._writing:
+            await self._write()
+
+    async def _write(self) -> None:
         while self._buffer:
             batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), 500))]
             try:
