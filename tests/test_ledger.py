@@ -18,6 +18,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -323,3 +324,34 @@ async def test_sqlite_acknowledged_changes_survive_kill_9(tmp_path: Path) -> Non
         assert replay.replayed
         assert replay.used == (n,)
     await ledger.close()
+
+
+async def test_close_waits_for_calls_in_flight(tmp_path: Path) -> None:
+    """A call already running when ``close`` is called (its caller may even have given
+    up) finishes, and its connection is closed with the rest, not left to the GC."""
+    ledger = SqlLedger(f"sqlite:///{tmp_path / 'c.db'}")
+    started, release = threading.Event(), threading.Event()
+    used: list[Any] = []
+
+    def work(conn: sa.Connection) -> int:
+        used.append(conn.connection.dbapi_connection)
+        started.set()
+        release.wait(timeout=30)
+        return int(conn.execute(sa.select(1)).scalar_one())
+
+    def closing_started() -> bool:
+        with ledger._calls:
+            return ledger._calls.wait_for(lambda: ledger._closed, timeout=30)
+
+    call = asyncio.create_task(ledger._call(work))
+    assert await asyncio.to_thread(started.wait, 30)
+    closing = asyncio.create_task(ledger.close())
+    assert await asyncio.to_thread(closing_started)
+    assert not closing.done()
+    release.set()
+    assert await call == 1
+    await closing
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        used[0].execute("SELECT 1")
+    with pytest.raises(RuntimeError, match="closed"):
+        await ledger.get_tenant("acme")

@@ -5,7 +5,8 @@ The tree, so callers can catch as broadly or narrowly as they need::
     TenantguardError
     ├── PolicyError          a policy file is invalid; carries every located problem
     ├── UnknownLeaseError    release() of a lease this guard never issued
-    ├── StoreError           a counter store could not answer; keeps the original as __cause__
+    ├── StoreError           a counter store or the ledger failed; keeps the original as __cause__
+    ├── SchemaVersionError   the ledger's database is newer than this code
     ├── QuotaExceeded        an acquisition would cross a cap (.status 403, or 429 for usage)
     ├── OverrideRefused      (also ValueError) an override a hard plan cannot take
     ├── RequestConflict      an increase request that was already decided

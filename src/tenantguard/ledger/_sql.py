@@ -79,6 +79,8 @@ class SqlLedger:
         self._engine = engine
         self._serial = serial
         self._closed = False
+        self._calls = threading.Condition()  # guards _closed and _in_flight
+        self._in_flight = 0
         self._sqlite = engine.dialect.name == "sqlite"
         try:
             migrate(engine)
@@ -94,11 +96,13 @@ class SqlLedger:
         return self._engine
 
     async def _call(self, work: Work[T], *, read_only: bool = False) -> T:
-        if self._closed:
-            raise RuntimeError("the ledger is closed")
         return await asyncio.to_thread(self._run, work, read_only)
 
     def _run(self, work: Work[T], read_only: bool) -> T:
+        with self._calls:
+            if self._closed:
+                raise RuntimeError("the ledger is closed")
+            self._in_flight += 1
         try:
             with self._serial, self._engine.connect() as conn:
                 if read_only:
@@ -106,6 +110,10 @@ class SqlLedger:
                 return work(conn)
         except SQLAlchemyError as error:
             raise _store_error(error) from error
+        finally:
+            with self._calls:
+                self._in_flight -= 1
+                self._calls.notify_all()
 
     def _insert_ignore(self, table: sa.Table, **values: Any) -> sa.Insert:
         """Insert a row unless its key exists; the row count says which happened.
@@ -402,9 +410,18 @@ class SqlLedger:
             return False
 
     async def close(self) -> None:
-        if not self._closed:
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        """Wait out calls already running (a cancelled caller's transaction still runs to
+        its end on its thread), so every connection is back in the pool to be closed."""
+        with self._calls:
+            if self._closed:
+                return
             self._closed = True
-            await asyncio.to_thread(self._engine.dispose)
+            self._calls.notify_all()
+            self._calls.wait_for(lambda: self._in_flight == 0)
+        self._engine.dispose()
 
     # helpers
 
