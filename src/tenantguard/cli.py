@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -226,6 +227,7 @@ def serve(
     import uvicorn  # noqa: PLC0415 - only serve needs it; check and explain start faster
 
     from tenantguard.guard import Guard  # noqa: PLC0415
+    from tenantguard.reload import PolicyReloader  # noqa: PLC0415
     from tenantguard.server import create_app  # noqa: PLC0415
 
     if policy is None:
@@ -253,4 +255,17 @@ def serve(
     console.print(Text(f"policy {policy}; counters {counters}; ledger {ledger}"))
     console.print(Text(f"listening on http://{host}:{port}"))
     server = create_app(guard, service_token=service_token, admin_token=admin_token)
-    uvicorn.run(server, host=host, port=port)
+    # the policy file is polled for changes while the server runs (from lifespan startup)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT (in-flight requests finish, the
+    # lifespan closes the guard), then re-raises the signal to the handler it found: make
+    # that handler a clean exit, so a stopped service reports success, not -15
+    before = {stop: signal.signal(stop, _exit_cleanly) for stop in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        uvicorn.run(PolicyReloader(guard, policy).around(server), host=host, port=port)
+    finally:
+        for stop, handler in before.items():
+            signal.signal(stop, handler)
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)

@@ -12,12 +12,19 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tenantguard._effective import effective_limit, effective_value
+from tenantguard._headers import HeaderStyle
 from tenantguard._leases import decode_lease, encode_lease, new_lease_id
-from tenantguard._metrics import DEGRADED_DECISIONS
+from tenantguard._metrics import (
+    DEGRADED_DECISIONS,
+    OUTCOMES,
+    SAMPLE_EVERY,
+    LatencySample,
+    track,
+)
 from tenantguard._periods import current_period
 from tenantguard._route_plan import RoutePlan
 from tenantguard._rules import CompiledRule
@@ -103,6 +110,27 @@ class TenantState:
     overrides: dict[str, OverrideRecord]
     version: int
     expires: float
+    policy: Policy
+    """The policy ``plan`` and ``slot`` refer to (a reload may have replaced it since)."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _PolicyView:
+    """A policy and the caches computed from it. ``replace_policy`` swaps the whole view
+    in one assignment and a check reads it once, so every check runs on one policy from
+    start to finish, also when another thread (``SyncGuard``) swaps it meanwhile."""
+
+    policy: Policy
+    styles: tuple[HeaderStyle, ...]
+    default_plan: str
+    default_slot: int
+    states: dict[str, TenantState] = field(default_factory=dict)
+    plans: dict[tuple[Any, ...], RoutePlan] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, policy: Policy) -> _PolicyView:
+        default = policy.default_plan
+        return cls(policy, policy.document.headers, default, policy.plan_index[default])
 
 
 class Guard:
@@ -115,6 +143,11 @@ class Guard:
     Tenant records and overrides are cached in process for ``tenant_ttl`` seconds
     (default 2) when the ledger is shared (SQLite file, PostgreSQL): a change made through
     this guard applies at once, one made through another replica within that bound.
+
+    ``replace_policy`` swaps the policy while serving (``tenantguard.reload`` watches a
+    file and calls it); ``reload_error`` says why the last reload failed, or is ``None``.
+    Every check is counted in a plain dict and one in ``SAMPLE_EVERY`` is timed; the
+    Prometheus collector in ``tenantguard._metrics`` reads both at scrape time.
     """
 
     def __init__(
@@ -127,6 +160,7 @@ class Guard:
         tenant_ttl: float = 2.0,
     ) -> None:
         self.policy = policy
+        self.reload_error: str | None = None
         self._clock = clock
         self._store = _open_counters(counters)
         self._local = self._store if isinstance(self._store, MemoryCounters) else None
@@ -136,25 +170,45 @@ class Guard:
         self.quotas = Quotas(self)
         self.overrides = Overrides(self)
         self.increase_requests = IncreaseRequests(self)
-        self._styles = policy.document.headers
-        self._default_slot = policy.plan_index[policy.default_plan]
-        self._default_plan = policy.default_plan
+        self._view = _PolicyView.of(policy)
         # an in-process ledger has no other writer: what this guard changes it forgets
         self._tenant_ttl = math.inf if isinstance(self.ledger, MemoryLedger) else tenant_ttl
-        self._states: dict[str, TenantState] = {}
         self._versions = itertools.count(1)
-        self._plans: dict[tuple[Any, ...], RoutePlan] = {}
         self._noticed: dict[tuple[str, str, float], None] = {}
+        # outcome -> rule named by the decision ("" for none) -> checks; a plain dict per
+        # outcome so the hot path's increment hashes a str, never builds a tuple
+        self._tally: dict[str, dict[str, int]] = {outcome: {} for outcome in OUTCOMES}
+        self._allowed = self._tally["allowed"]
+        self._latency = LatencySample()
+        self._until_sample = 1  # checks until the next timed one: the first is timed
+        track(self)
+
+    def replace_policy(self, policy: Policy) -> None:
+        """Enforce ``policy`` from the next check on.
+
+        One assignment, so no check sees half of it: a check already under way finishes
+        under the old policy (its rules, limits, headers style and ``on_store_error``),
+        every later one uses the new. Route plans and cached tenant states are dropped
+        with the old policy, since both embed its values. Counters stay in
+        the store under their table ids (``rule|algorithm|window``), so a rule that keeps
+        its name, algorithm and window carries on counting; a changed limit applies to
+        the count so far from the next check. Quotas, overrides and tenants read
+        ``self.policy`` when called; event retention stays as the guard was built with.
+        """
+        self._view = _PolicyView.of(policy)
+        self.policy = policy
 
     def now(self) -> float:
         return self._clock()
 
     async def tenant_state(self, tenant: str) -> TenantState:
-        """The tenant's plan and live overrides, from cache or the ledger."""
-        state = self._states.get(tenant)
+        """The tenant's plan and live overrides, from cache or the ledger (``state.slot``
+        indexes ``state.policy``, which a reload may have replaced meanwhile)."""
+        view = self._view
+        state = view.states.get(tenant)
         now = self._clock()
         if state is None or state.expires <= now:
-            state = await self._load_state(tenant, now)
+            state = await self._load_state(tenant, now, view)
         return state
 
     async def limits(self, tenant: str) -> dict[str, Any]:
@@ -162,10 +216,11 @@ class Guard:
         usage and where each value came from (``plan``, ``override``, or
         ``contract-default`` for a contract plan's limit the contract does not set)."""
         state = await self.tenant_state(tenant)
+        policy = state.policy
         now = self._clock()
         slot, enforcement = state.slot, state.enforcement
         rates = []
-        for rule in self.policy.rules:
+        for rule in policy.rules:
             value, source = effective_value(
                 rule.values[slot], enforcement, state.overrides.get(rule.name), now
             )
@@ -178,7 +233,7 @@ class Guard:
             })  # fmt: skip
         rows = await self.ledger.usage(tenant)
         quotas = []
-        for quota in self.policy.quotas.values():
+        for quota in policy.quotas.values():
             value, source = effective_value(
                 quota.values[slot], enforcement, state.overrides.get(quota.name), now
             )
@@ -197,16 +252,14 @@ class Guard:
             "enforcement": enforcement,
             "rate_limits": rates,
             "quotas": quotas,
-            "entitlements": {
-                name: values[slot] for name, values in self.policy.entitlements.items()
-            },
+            "entitlements": {name: values[slot] for name, values in policy.entitlements.items()},
         }
 
     def forget(self, tenant: str) -> None:
         """Drop the cached state, so the next check reads the ledger."""
-        self._states.pop(tenant, None)
+        self._view.states.pop(tenant, None)
 
-    async def _load_state(self, tenant: str, now: float) -> TenantState:
+    async def _load_state(self, tenant: str, now: float, view: _PolicyView) -> TenantState:
         check_tenant_id(tenant)
         record = await self.ledger.get_tenant(tenant)
         live = {
@@ -214,19 +267,21 @@ class Guard:
             for item in await self.ledger.overrides(tenant)
             if item.expires_at is None or item.expires_at > now
         }
-        plan, slot = self._default_plan, self._default_slot
-        if record is not None and record.plan in self.policy.plan_index:
-            plan, slot = record.plan, self.policy.plan_index[record.plan]
+        policy = view.policy
+        plan, slot = view.default_plan, view.default_slot
+        if record is not None and record.plan in policy.plan_index:
+            plan, slot = record.plan, policy.plan_index[record.plan]
         expires = min(
             [now + self._tenant_ttl, *(o.expires_at for o in live.values() if o.expires_at)]
         )
         state = TenantState(
-            tenant, record, plan, slot, self.policy.enforcement(slot), live,
-            next(self._versions), expires,
+            tenant, record, plan, slot, policy.enforcement(slot), live,
+            next(self._versions), expires, policy,
         )  # fmt: skip
-        if len(self._states) >= _STATE_CACHE_SIZE:
-            del self._states[next(iter(self._states))]
-        self._states[tenant] = state
+        states = view.states
+        if len(states) >= _STATE_CACHE_SIZE:
+            del states[next(iter(states))]
+        states[tenant] = state
         return state
 
     async def check(
@@ -246,20 +301,31 @@ class Guard:
             raise ValueError(f"cost must be a whole number >= 1, got {cost!r}")
         if tenant.__class__ is not str or not tenant:
             raise ValueError("tenant must be a non-empty string")
+        until = self._until_sample - 1
+        if until:
+            self._until_sample = until
+            started = 0.0
+        else:
+            self._until_sample = SAMPLE_EVERY
+            started = time.perf_counter()
         now = self._clock()
-        state = self._states.get(tenant)
+        view = self._view  # one policy for the whole check, whatever a reload does meanwhile
+        state = view.states.get(tenant)
         if state is None or state.expires <= now:
-            state = await self._load_state(tenant, now)
+            state = await self._load_state(tenant, now, view)
         plan, slot = state.plan, state.slot
         if state.overrides:
             key: tuple[Any, ...] = (method, path, slot, tenant, state.version)
         else:
             key = (method, path, slot)
-        route = self._plans.get(key) or self._route(key, state, now)
-        outcomes: list[Outcome] = []
-        keys: list[str] = []
+        route = view.plans.get(key) or self._route(key, state, now, view)
         lease = None
-        if route.countable:
+        styles = view.styles
+        outcomes: list[Outcome]
+        keys: list[str]
+        if not route.countable:
+            outcomes, keys = [], []
+        else:
             if route.tenant_keyed:
                 keys = [tenant] * len(route.specs)
             else:
@@ -273,8 +339,14 @@ class Guard:
                 try:
                     outcomes = await self._store.apply(route.specs, keys, cost, lease, now, tenant)
                 except StoreError as error:
-                    return self._degraded(tenant, plan, route, now, error)
-        return self._decide(tenant, plan, route, keys, outcomes, cost, lease, now)
+                    decision = self._degraded(tenant, plan, route, now, error, view.policy)
+                    if started:
+                        self._latency.observe(time.perf_counter() - started)
+                    return decision
+        decision = self._decide(tenant, plan, route, keys, outcomes, cost, lease, now, styles)
+        if started:
+            self._latency.observe(time.perf_counter() - started)
+        return decision
 
     async def release(self, lease: str | None) -> None:
         """End the concurrency lease of a decision; ``None`` and repeats are no-ops."""
@@ -306,12 +378,14 @@ class Guard:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def _route(self, key: tuple[Any, ...], state: TenantState, now: float) -> RoutePlan:
+    def _route(
+        self, key: tuple[Any, ...], state: TenantState, now: float, view: _PolicyView
+    ) -> RoutePlan:
         method, path, slot = key[0], key[1], key[2]
         plan = state.plan
         rules, specs, fixed = [], [], []
         unavailable = None
-        for rule in self.policy.routes.match(method, path):
+        for rule in view.policy.routes.match(method, path):
             value, burst = effective_limit(rule, slot, state.enforcement, state.overrides, now)
             if isinstance(value, str):  # unlimited or unavailable: no counter
                 check = RuleCheck(
@@ -362,13 +436,20 @@ class Guard:
             ),
             bound=self._local.bind(specs) if self._local is not None and specs else None,
         )
-        if len(self._plans) >= _PLAN_CACHE_SIZE:
-            del self._plans[next(iter(self._plans))]
-        self._plans[key] = route
+        plans = view.plans
+        if len(plans) >= _PLAN_CACHE_SIZE:
+            del plans[next(iter(plans))]
+        plans[key] = route
         return route
 
     def _degraded(
-        self, tenant: str, plan: str, route: RoutePlan, now: float, error: StoreError
+        self,
+        tenant: str,
+        plan: str,
+        route: RoutePlan,
+        now: float,
+        error: StoreError,
+        policy: Policy,
     ) -> Decision:
         """The counter store could not answer in time: follow ``on_store_error``.
 
@@ -376,8 +457,10 @@ class Guard:
         refuses with 429 and a one-second ``Retry-After``. Either way the decision says
         ``degraded`` and why, and nothing is raised to the caller.
         """
-        mode = self.policy.document.on_store_error
+        mode = policy.document.on_store_error
         DEGRADED_DECISIONS.labels(mode=mode).inc()
+        counts = self._tally["degraded"]
+        counts[""] = counts.get("", 0) + 1
         reason = f"counter store unavailable ({error}); on_store_error: {mode}"
         status, retry = (200, None) if mode == "allow" else (429, 1)
         return Decision(
@@ -391,7 +474,7 @@ class Guard:
             retry,
             None,
             reason,
-            self._styles,
+            policy.document.headers,
             now,
             route.fixed,
             None,
@@ -427,6 +510,7 @@ class Guard:
         cost: int,
         lease_id: str | None,
         now: float,
+        styles: tuple[HeaderStyle, ...],
     ) -> Decision:
         # the binding rule: the denial with the longest wait, else the least remaining
         denied = bound = -1
@@ -451,6 +535,8 @@ class Guard:
         checks = (route, outcomes, cost, denied >= 0)
         if route.unavailable is not None:
             check = route.unavailable
+            counts = self._tally["unavailable"]
+            counts[check.rule] = counts.get(check.rule, 0) + 1
             return Decision(
                 tenant,
                 plan,
@@ -462,7 +548,7 @@ class Guard:
                 None,
                 None,
                 check.reason,
-                self._styles,
+                styles,
                 now,
                 route.fixed,
             )
@@ -477,6 +563,8 @@ class Guard:
             else:
                 retry_after = max(math.ceil(wait), 1)
                 reason = f"rate limit {name!r} exceeded"
+            counts = self._tally["denied"]
+            counts[name] = counts.get(name, 0) + 1
             return Decision(
                 tenant,
                 plan,
@@ -488,7 +576,7 @@ class Guard:
                 retry_after,
                 None,
                 reason,
-                self._styles,
+                styles,
                 now,
                 checks,
                 _build_checks,
@@ -502,14 +590,20 @@ class Guard:
             ]
             lease = encode_lease(lease_id, held)
         if bound < 0:
+            # nothing binding: only unlimited or shadow rules matched, or none at all
+            counts = self._allowed if route.rules or route.fixed else self._tally["unmatched"]
+            counts[""] = counts.get("", 0) + 1
             return Decision(
                 tenant, plan, 200, None, None, None, None, None, lease, None,
-                self._styles, now, checks, _build_checks,
+                styles, now, checks, _build_checks,
             )  # fmt: skip
         outcome = outcomes[bound]
+        name = route.rules[bound].name
+        allowed = self._allowed
+        allowed[name] = allowed.get(name, 0) + 1
         return Decision(
-            tenant, plan, 200, route.rules[bound].name, specs[bound][3], outcome[2], outcome[3],
-            None, lease, None, self._styles, now, checks, _build_checks,
+            tenant, plan, 200, name, specs[bound][3], outcome[2], outcome[3],
+            None, lease, None, styles, now, checks, _build_checks,
         )  # fmt: skip
 
 
