@@ -50,6 +50,11 @@ class EventSink:
         self._purged_at: float | None = None
         self.dropped = 0
 
+    @property
+    def pending(self) -> int:
+        """Events emitted and not yet written."""
+        return len(self._buffer)
+
     def emit(self, event: EventRecord) -> None:
         """Never blocks and never raises; drops (and counts) when the buffer is full."""
         if len(self._buffer) >= self._capacity:

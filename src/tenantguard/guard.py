@@ -20,9 +20,9 @@ from tenantguard._headers import HeaderStyle
 from tenantguard._leases import decode_lease, encode_lease, new_lease_id
 from tenantguard._metrics import (
     DEGRADED_DECISIONS,
-    OUTCOMES,
     SAMPLE_EVERY,
     LatencySample,
+    Tally,
     track,
 )
 from tenantguard._periods import current_period
@@ -175,10 +175,8 @@ class Guard:
         self._tenant_ttl = math.inf if isinstance(self.ledger, MemoryLedger) else tenant_ttl
         self._versions = itertools.count(1)
         self._noticed: dict[tuple[str, str, float], None] = {}
-        # outcome -> rule named by the decision ("" for none) -> checks; a plain dict per
-        # outcome so the hot path's increment hashes a str, never builds a tuple
-        self._tally: dict[str, dict[str, int]] = {outcome: {} for outcome in OUTCOMES}
-        self._allowed = self._tally["allowed"]
+        self._tally = Tally()
+        self._allowed_rules = self._tally.pending  # see Tally: appended, folded later
         self._latency = LatencySample()
         self._until_sample = 1  # checks until the next timed one: the first is timed
         track(self)
@@ -200,6 +198,17 @@ class Guard:
 
     def now(self) -> float:
         return self._clock()
+
+    @property
+    def counters(self) -> CounterStore:
+        """The counter store (memory, Redis…), e.g. for a readiness probe's ``ping``."""
+        return self._store
+
+    @property
+    def counters_in_process(self) -> bool:
+        """True when counting needs no I/O (the memory store): a check then completes
+        without suspending, which the synchronous facade relies on."""
+        return self._local is not None
 
     async def tenant_state(self, tenant: str) -> TenantState:
         """The tenant's plan and live overrides, from cache or the ledger (``state.slot``
@@ -307,6 +316,7 @@ class Guard:
             started = 0.0
         else:
             self._until_sample = SAMPLE_EVERY
+            self._tally.fold()
             started = time.perf_counter()
         now = self._clock()
         view = self._view  # one policy for the whole check, whatever a reload does meanwhile
@@ -459,7 +469,7 @@ class Guard:
         """
         mode = policy.document.on_store_error
         DEGRADED_DECISIONS.labels(mode=mode).inc()
-        counts = self._tally["degraded"]
+        counts = self._tally.counts["degraded"]
         counts[""] = counts.get("", 0) + 1
         reason = f"counter store unavailable ({error}); on_store_error: {mode}"
         status, retry = (200, None) if mode == "allow" else (429, 1)
@@ -535,7 +545,7 @@ class Guard:
         checks = (route, outcomes, cost, denied >= 0)
         if route.unavailable is not None:
             check = route.unavailable
-            counts = self._tally["unavailable"]
+            counts = self._tally.counts["unavailable"]
             counts[check.rule] = counts.get(check.rule, 0) + 1
             return Decision(
                 tenant,
@@ -563,7 +573,7 @@ class Guard:
             else:
                 retry_after = max(math.ceil(wait), 1)
                 reason = f"rate limit {name!r} exceeded"
-            counts = self._tally["denied"]
+            counts = self._tally.counts["denied"]
             counts[name] = counts.get(name, 0) + 1
             return Decision(
                 tenant,
@@ -591,7 +601,8 @@ class Guard:
             lease = encode_lease(lease_id, held)
         if bound < 0:
             # nothing binding: only unlimited or shadow rules matched, or none at all
-            counts = self._allowed if route.rules or route.fixed else self._tally["unmatched"]
+            outcome_of = "allowed" if route.rules or route.fixed else "unmatched"
+            counts = self._tally.counts[outcome_of]
             counts[""] = counts.get("", 0) + 1
             return Decision(
                 tenant, plan, 200, None, None, None, None, None, lease, None,
@@ -599,8 +610,7 @@ class Guard:
             )  # fmt: skip
         outcome = outcomes[bound]
         name = route.rules[bound].name
-        allowed = self._allowed
-        allowed[name] = allowed.get(name, 0) + 1
+        self._allowed_rules.append(name)
         return Decision(
             tenant, plan, 200, name, specs[bound][3], outcome[2], outcome[3],
             None, lease, None, styles, now, checks, _build_checks,

@@ -832,8 +832,7 @@ async def _ping(ping: Callable[[], Awaitable[bool]]) -> bool:
 
 
 def _counter_store(guard: Guard) -> object:
-    """The guard's counter store; ``Guard`` has no public name for it yet."""
-    return getattr(guard, "counters", None) or getattr(guard, "_store", None)
+    return guard.counters
 
 
 @_open.get(

@@ -67,7 +67,7 @@ class SyncGuard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._flush: Future[None] | None = None
-        counters_local = guard._local is not None  # in-process counters: see the docstring
+        counters_local = guard.counters_in_process  # see the docstring
         self.check = self.wrap(guard.check, inline=counters_local)
         self.release = self.wrap(guard.release, inline=counters_local)
         self.limits = self.wrap(guard.limits)
@@ -150,8 +150,7 @@ class SyncGuard:
     def _write_events(self) -> None:
         """Events an in-thread call emitted wait in the sink (it had no loop to write
         them from): have the loop thread write them, one flush at a time."""
-        pending = self.guard.events._buffer
-        if pending and (self._flush is None or self._flush.done()):
+        if self.guard.events.pending and (self._flush is None or self._flush.done()):
             self._flush = asyncio.run_coroutine_threadsafe(
                 self.guard.events.flush(), self._ensure_loop()
             )
