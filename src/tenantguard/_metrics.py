@@ -5,7 +5,7 @@ Two kinds:
 - ordinary ``prometheus_client`` counters for rare events (store errors, degraded
   decisions, policy reloads; events dropped lives in ``events.py``);
 - per-check figures, which the hot path must not pay a ``.labels().inc()`` for. Each
-  ``Guard`` counts its decisions in a ``Tally`` and its sampled latencies in a
+  ``Guard`` counts its decisions in a plain dict and its sampled latencies in a
   ``LatencySample``; ``track(guard)`` adds the guard to a ``WeakSet``, and one collector,
   registered on the default registry the first time a guard is tracked, sums every live
   guard's figures when Prometheus scrapes:
@@ -17,8 +17,8 @@ Two kinds:
   (``Guard.reload_error`` is set), else 1.
 
 A guard that is garbage-collected drops out of the sums (Prometheus reads the drop as a
-counter reset). Counting takes no lock: checks running in several threads at once
-(``SyncGuard``) may very rarely lose an increment of a rare outcome, the price of keeping
+counter reset). The tallies are plain ``+= 1`` without a lock: checks running in several
+threads at once (``SyncGuard``) may very rarely lose an increment, the price of keeping
 the hot path free of locks.
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import threading
 import weakref
 from bisect import bisect_left
-from collections import Counter as _Multiset
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -45,9 +44,9 @@ __all__ = [
     "OUTCOMES",
     "POLICY_RELOADS",
     "SAMPLE_EVERY",
+    "SAMPLE_MASK",
     "STORE_ERRORS",
     "LatencySample",
-    "Tally",
     "track",
 ]
 
@@ -73,10 +72,15 @@ rule is not on the plan), ``degraded`` (the counter store could not answer; deci
 ``on_store_error``), ``unmatched`` (no rule of the policy matched the request)."""
 
 SAMPLE_EVERY = 64
-"""One check in this many is timed (the first check of a guard always is), so the hot
-path reads ``time.perf_counter`` twice per 64 checks instead of twice per check. The
-histogram's count is therefore the number of *sampled* checks, not of all checks; its
-quantiles are unbiased, and ``tenantguard_decisions_total`` counts every check."""
+"""Of the decisions for each (rule, outcome), the 1st, 65th, 129th… are timed: the
+guard's count of them, which it keeps anyway, picks the sample, so the other 63 checks
+pay nothing. A sampled check is timed with the guard's clock (``time.time`` unless one
+is injected), from the clock read that starts the check, and that it needs anyway, to
+the decision: tenant lookup, route match and the counter store's answer included.
+Equal rates in every stratum keep the quantiles unbiased; the histogram's count is the
+number of *sampled* checks, while ``tenantguard_decisions_total`` counts every check.
+A clock stepped back mid-check counts as 0 s."""
+SAMPLE_MASK = SAMPLE_EVERY - 1
 
 LATENCY_BOUNDS = (
     5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
@@ -84,43 +88,6 @@ LATENCY_BOUNDS = (
 )  # fmt: skip
 """Upper bounds in seconds: an in-process check takes microseconds, one against Redis
 a round trip (hundreds of microseconds), a degraded one up to the store's timeout."""
-
-
-class Tally:
-    """The decisions of one guard, by outcome and by the rule each names.
-
-    ``counts[outcome][rule]`` takes a plain dict increment. Allowed decisions with a
-    binding rule, the bulk of the traffic, are cheaper still: the guard appends the
-    rule's name to ``pending`` (a list append, where an increment would box a new int)
-    and ``fold()`` counts them in C. The guard folds in its timed check, once in
-    ``SAMPLE_EVERY``, so ``pending`` stays short; the collector folds before it reads.
-    """
-
-    __slots__ = ("_lock", "counts", "pending")
-
-    def __init__(self) -> None:
-        self.counts: dict[str, dict[str, int]] = {outcome: {} for outcome in OUTCOMES}
-        self.pending: list[str] = []
-        self._lock = threading.Lock()
-
-    def fold(self) -> None:
-        with self._lock:
-            pending = self.pending
-            size = len(pending)  # names appended meanwhile (other threads) wait for later
-            allowed = self.counts["allowed"]
-            for rule, count in _Multiset(pending[:size]).items():
-                allowed[rule] = allowed.get(rule, 0) + count
-            del pending[:size]
-
-    def totals(self) -> dict[tuple[str, str], int]:
-        """``(rule, outcome)`` → decisions so far."""
-        self.fold()
-        with self._lock:  # no fold can run between the copies: every count exactly once
-            return {
-                (rule, outcome): value
-                for outcome, counts in self.counts.items()
-                for rule, value in counts.copy().items()
-            }
 
 
 class LatencySample:
@@ -137,6 +104,7 @@ class LatencySample:
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
         self.counts[bisect_left(LATENCY_BOUNDS, seconds)] += 1
         self.total += seconds
 
@@ -178,8 +146,10 @@ class _GuardCollector(Collector):
         healthy = 1
         for guard in guards:
             # copies are taken in C, so a check running meanwhile cannot break them
-            for key, value in guard._tally.totals().items():
-                decisions[key] = decisions.get(key, 0) + value
+            for outcome, tally in guard._tally.items():  # fixed keys: never resized
+                for rule, value in tally.copy().items():
+                    key = (rule, outcome)
+                    decisions[key] = decisions.get(key, 0) + value
             sample = guard._latency
             for index, value in enumerate(sample.counts.copy()):
                 buckets[index] += value

@@ -20,9 +20,9 @@ from tenantguard._headers import HeaderStyle
 from tenantguard._leases import decode_lease, encode_lease, new_lease_id
 from tenantguard._metrics import (
     DEGRADED_DECISIONS,
-    SAMPLE_EVERY,
+    OUTCOMES,
+    SAMPLE_MASK,
     LatencySample,
-    Tally,
     track,
 )
 from tenantguard._periods import current_period
@@ -146,7 +146,7 @@ class Guard:
 
     ``replace_policy`` swaps the policy while serving (``tenantguard.reload`` watches a
     file and calls it); ``reload_error`` says why the last reload failed, or is ``None``.
-    Every check is counted in a plain dict and one in ``SAMPLE_EVERY`` is timed; the
+    Every decision is counted in a plain dict and one in ``SAMPLE_EVERY`` is timed; the
     Prometheus collector in ``tenantguard._metrics`` reads both at scrape time.
     """
 
@@ -175,10 +175,11 @@ class Guard:
         self._tenant_ttl = math.inf if isinstance(self.ledger, MemoryLedger) else tenant_ttl
         self._versions = itertools.count(1)
         self._noticed: dict[tuple[str, str, float], None] = {}
-        self._tally = Tally()
-        self._allowed_rules = self._tally.pending  # see Tally: appended, folded later
+        # outcome -> rule named by the decision ("" for none) -> checks; a plain dict per
+        # outcome so the hot path's increment hashes a str, never builds a tuple
+        self._tally: dict[str, dict[str, int]] = {outcome: {} for outcome in OUTCOMES}
+        self._allowed = self._tally["allowed"]
         self._latency = LatencySample()
-        self._until_sample = 1  # checks until the next timed one: the first is timed
         track(self)
 
     def replace_policy(self, policy: Policy) -> None:
@@ -310,14 +311,6 @@ class Guard:
             raise ValueError(f"cost must be a whole number >= 1, got {cost!r}")
         if tenant.__class__ is not str or not tenant:
             raise ValueError("tenant must be a non-empty string")
-        until = self._until_sample - 1
-        if until:
-            self._until_sample = until
-            started = 0.0
-        else:
-            self._until_sample = SAMPLE_EVERY
-            self._tally.fold()
-            started = time.perf_counter()
         now = self._clock()
         view = self._view  # one policy for the whole check, whatever a reload does meanwhile
         state = view.states.get(tenant)
@@ -349,14 +342,8 @@ class Guard:
                 try:
                     outcomes = await self._store.apply(route.specs, keys, cost, lease, now, tenant)
                 except StoreError as error:
-                    decision = self._degraded(tenant, plan, route, now, error, view.policy)
-                    if started:
-                        self._latency.observe(time.perf_counter() - started)
-                    return decision
-        decision = self._decide(tenant, plan, route, keys, outcomes, cost, lease, now, styles)
-        if started:
-            self._latency.observe(time.perf_counter() - started)
-        return decision
+                    return self._degraded(tenant, plan, route, now, error, view.policy)
+        return self._decide(tenant, plan, route, keys, outcomes, cost, lease, now, styles)
 
     async def release(self, lease: str | None) -> None:
         """End the concurrency lease of a decision; ``None`` and repeats are no-ops."""
@@ -469,8 +456,7 @@ class Guard:
         """
         mode = policy.document.on_store_error
         DEGRADED_DECISIONS.labels(mode=mode).inc()
-        counts = self._tally.counts["degraded"]
-        counts[""] = counts.get("", 0) + 1
+        self._count("degraded", "", now)
         reason = f"counter store unavailable ({error}); on_store_error: {mode}"
         status, retry = (200, None) if mode == "allow" else (429, 1)
         return Decision(
@@ -490,6 +476,15 @@ class Guard:
             None,
             True,
         )
+
+    def _count(self, outcome: str, rule: str, started: float) -> None:
+        """Count a decision; time one in ``SAMPLE_EVERY`` of each (rule, outcome), the
+        first included, from ``started`` (when the check read the clock) to now."""
+        counts = self._tally[outcome]
+        count = counts.get(rule, 0) + 1
+        counts[rule] = count
+        if count & SAMPLE_MASK == 1:
+            self._latency.observe(self._clock() - started)
 
     def _notice(
         self, kind: str, tenant: str, route: RoutePlan, index: int, outcome: Outcome, now: float
@@ -545,8 +540,7 @@ class Guard:
         checks = (route, outcomes, cost, denied >= 0)
         if route.unavailable is not None:
             check = route.unavailable
-            counts = self._tally.counts["unavailable"]
-            counts[check.rule] = counts.get(check.rule, 0) + 1
+            self._count("unavailable", check.rule, now)
             return Decision(
                 tenant,
                 plan,
@@ -573,8 +567,7 @@ class Guard:
             else:
                 retry_after = max(math.ceil(wait), 1)
                 reason = f"rate limit {name!r} exceeded"
-            counts = self._tally.counts["denied"]
-            counts[name] = counts.get(name, 0) + 1
+            self._count("denied", name, now)
             return Decision(
                 tenant,
                 plan,
@@ -601,16 +594,18 @@ class Guard:
             lease = encode_lease(lease_id, held)
         if bound < 0:
             # nothing binding: only unlimited or shadow rules matched, or none at all
-            outcome_of = "allowed" if route.rules or route.fixed else "unmatched"
-            counts = self._tally.counts[outcome_of]
-            counts[""] = counts.get("", 0) + 1
+            self._count("allowed" if route.rules or route.fixed else "unmatched", "", now)
             return Decision(
                 tenant, plan, 200, None, None, None, None, None, lease, None,
                 styles, now, checks, _build_checks,
             )  # fmt: skip
         outcome = outcomes[bound]
         name = route.rules[bound].name
-        self._allowed_rules.append(name)
+        allowed = self._allowed  # self._count(), inlined for the most frequent decision
+        count = allowed.get(name, 0) + 1
+        allowed[name] = count
+        if count & SAMPLE_MASK == 1:
+            self._latency.observe(self._clock() - now)
         return Decision(
             tenant, plan, 200, name, specs[bound][3], outcome[2], outcome[3],
             None, lease, None, styles, now, checks, _build_checks,
