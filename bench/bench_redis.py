@@ -44,30 +44,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from servers import RedisServer  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
 
-TENANT_BUCKET = """
-  - name: tenant-bucket
-    group: tenant
-    match: {paths: ["/**"]}
-    algorithm: token-bucket
-    window: 10s
-    limits: {default: 200}
-"""
-PATHS = [
-    ("GET", "/api/v1/apps"),
-    ("GET", "/api/v1/apps/{id}"),
-    ("GET", "/api/v1/groups"),
-    ("DELETE", "/api/v1/groups/{id}"),
-    ("GET", "/api/v1/users"),
-    ("GET", "/api/v1/users/{id}"),
-    ("PUT", "/api/v1/users/{id}"),
-    ("GET", "/api/v1/logs"),
-    ("GET", "/api/v1/events"),
-    ("GET", "/api/v1/sessions/{id}"),
-    ("POST", "/oauth2/default/v1/token"),
-    ("POST", "/oauth2/v1/token"),
-    ("GET", "/oauth2/v1/clients"),
-    ("GET", "/api/v1/meta/types"),
-]
+sys.path.insert(0, str(ROOT / "bench"))
+# the same traffic and policy as the in-process benchmark
+from bench_check import PATHS, policy_text  # noqa: E402
+
 # enough tenants that a measurement's traffic stays mostly within every limit
 TENANTS = 5000
 IDS = 50
@@ -94,11 +74,6 @@ def traffic(count: int, seed: int = 7) -> list[Request]:
         path = template.replace("{id}", f"00u{rng.randrange(IDS)}")
         out.append((f"tenant-{rng.randrange(TENANTS)}", method, path))
     return out
-
-
-def policy_text() -> str:
-    text = (ROOT / "examples" / "okta-management.yaml").read_text()
-    return text.rstrip() + "\n" + TENANT_BUCKET
 
 
 class Result:
