@@ -11,6 +11,7 @@ import gc
 import re
 from collections.abc import Sequence
 
+import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from tenantguard import Guard, StoreError, parse_policy
@@ -107,17 +108,60 @@ async def test_two_guards_add_up_and_a_collected_guard_drops_out() -> None:
     await first.close()
 
 
-async def test_one_check_in_every_sample_every_is_timed_the_first_included() -> None:
+def bucket(le: str) -> float:
+    return REGISTRY.get_sample_value("tenantguard_check_seconds_bucket", {"le": le}) or 0.0
+
+
+async def test_one_decision_in_sample_every_of_each_rule_and_outcome_is_timed() -> None:
     guard = make()
     before = sampled()
-    await guard.check("acme", "GET", "/elsewhere")
+    await guard.check("acme", "GET", "/elsewhere")  # the first of ("", unmatched)
     assert sampled() == before + 1
     for _ in range(SAMPLE_EVERY * 2):
         await guard.check("acme", "GET", "/elsewhere")
-    # checks 1, 1 + SAMPLE_EVERY and 1 + 2 * SAMPLE_EVERY
+    # decisions 1, 1 + SAMPLE_EVERY and 1 + 2 * SAMPLE_EVERY
     assert sampled() == before + 3
-    inf = REGISTRY.get_sample_value("tenantguard_check_seconds_bucket", {"le": "+Inf"})
-    assert inf == sampled()
+    await guard.check("acme", "GET", "/reports/1")  # the first of (m-reports, allowed)
+    assert sampled() == before + 4
+    assert bucket("+Inf") == sampled()
+
+
+class SteppingClock:
+    """Each read is ``step`` seconds after the last: a check reads it once to start."""
+
+    def __init__(self, step: float) -> None:
+        self.now = MINUTE
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+async def test_a_sampled_check_is_timed_with_the_guards_clock() -> None:
+    guard = Guard(parse_policy(POLICY), clock=SteppingClock(0.003))
+    count, total = sampled(), REGISTRY.get_sample_value("tenantguard_check_seconds_sum")
+    small, large = bucket("0.0025"), bucket("0.005")
+    await guard.check("acme", "GET", "/reports/1")
+    assert sampled() == count + 1
+    assert (bucket("0.0025"), bucket("0.005")) == (small, large + 1)
+    after = REGISTRY.get_sample_value("tenantguard_check_seconds_sum")
+    assert after is not None
+    assert after - (total or 0.0) == pytest.approx(0.003, abs=1e-6)  # epoch float resolution
+
+
+async def test_allowed_counts_survive_policy_reloads() -> None:
+    gc.collect()
+    before = decisions("m-reports", "allowed")
+    guard = Guard(parse_policy(POLICY.replace("{default: 2}", "{default: 100}")))
+    await guard.check("acme", "GET", "/reports/1")
+    for reload in range(12):  # past the reloads whose counts are kept apart
+        guard.replace_policy(parse_policy(POLICY.replace("{default: 2}", "{default: 100}")))
+        await guard.check("acme", "GET", "/reports/1")
+        assert decisions("m-reports", "allowed") == before + reload + 2
+    # a policy without the rule: its count stays
+    guard.replace_policy(parse_policy(POLICY.replace("m-reports", "m-renamed")))
+    assert decisions("m-reports", "allowed") == before + 13
 
 
 class FailingCounters:

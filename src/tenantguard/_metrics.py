@@ -5,8 +5,10 @@ Two kinds:
 - ordinary ``prometheus_client`` counters for rare events (store errors, degraded
   decisions, policy reloads; events dropped lives in ``events.py``);
 - per-check figures, which the hot path must not pay a ``.labels().inc()`` for. Each
-  ``Guard`` counts its decisions in a plain dict and its sampled latencies in a
-  ``LatencySample``; ``track(guard)`` adds the guard to a ``WeakSet``, and one collector,
+  ``Guard`` counts its decisions in plain Python (a list item per rule for allowed
+  decisions, a dict for the rarer outcomes: ``Guard._decision_counts``) and its sampled
+  latencies in a ``LatencySample``; ``track(guard)`` adds the guard to a ``WeakSet``,
+  and one collector,
   registered on the default registry the first time a guard is tracked, sums every live
   guard's figures when Prometheus scrapes:
 
@@ -17,9 +19,9 @@ Two kinds:
   (``Guard.reload_error`` is set), else 1.
 
 A guard that is garbage-collected drops out of the sums (Prometheus reads the drop as a
-counter reset). The tallies are plain ``+= 1`` without a lock: checks running in several
-threads at once (``SyncGuard``) may very rarely lose an increment, the price of keeping
-the hot path free of locks.
+counter reset). Counting takes no lock: checks running in several threads at once
+(``SyncGuard``) may very rarely lose an increment, the price of keeping the hot path free
+of locks.
 """
 
 from __future__ import annotations
@@ -72,14 +74,15 @@ rule is not on the plan), ``degraded`` (the counter store could not answer; deci
 ``on_store_error``), ``unmatched`` (no rule of the policy matched the request)."""
 
 SAMPLE_EVERY = 64
-"""Of the decisions for each (rule, outcome), the 1st, 65th, 129th… are timed: the
-guard's count of them, which it keeps anyway, picks the sample, so the other 63 checks
-pay nothing. A sampled check is timed with the guard's clock (``time.time`` unless one
-is injected), from the clock read that starts the check, and that it needs anyway, to
-the decision: tenant lookup, route match and the counter store's answer included.
-Equal rates in every stratum keep the quantiles unbiased; the histogram's count is the
-number of *sampled* checks, while ``tenantguard_decisions_total`` counts every check.
-A clock stepped back mid-check counts as 0 s."""
+"""What ``tenantguard_check_seconds`` samples: of the decisions for each (rule,
+outcome), the 1st, 65th, 129th… The guard's count of them, kept anyway, picks the
+sample, so the other 63 checks pay one bit test and no clock read. A sampled check is
+timed with the guard's clock (``time.time`` unless one is injected; an injected clock
+makes the figures deterministic), from the read that starts every check to the
+decision: tenant lookup, route match and the counter store's answer included. The same
+rate in every (rule, outcome) keeps the quantiles unbiased; the histogram's count is the
+number of *sampled* checks, ``tenantguard_decisions_total`` counts them all. A clock
+stepped back mid-check counts as 0 s. A power of two."""
 SAMPLE_MASK = SAMPLE_EVERY - 1
 
 LATENCY_BOUNDS = (
@@ -146,10 +149,8 @@ class _GuardCollector(Collector):
         healthy = 1
         for guard in guards:
             # copies are taken in C, so a check running meanwhile cannot break them
-            for outcome, tally in guard._tally.items():  # fixed keys: never resized
-                for rule, value in tally.copy().items():
-                    key = (rule, outcome)
-                    decisions[key] = decisions.get(key, 0) + value
+            for key, value in guard._decision_counts().items():
+                decisions[key] = decisions.get(key, 0) + value
             sample = guard._latency
             for index, value in enumerate(sample.counts.copy()):
                 buckets[index] += value
@@ -170,7 +171,8 @@ class _GuardCollector(Collector):
             histogram.append((bound, cumulative))
         yield HistogramMetricFamily(
             "tenantguard_check_seconds",
-            f"Guard.check latency, sampled: one check in {SAMPLE_EVERY} is timed.",
+            f"Guard.check latency, sampled: one in {SAMPLE_EVERY} decisions of each rule and "
+            "outcome is timed, with the guard's clock.",
             buckets=histogram,
             sum_value=total,
         )

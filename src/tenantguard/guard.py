@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ _PLAN_CACHE_SIZE = 16384
 _STATE_CACHE_SIZE = 100_000
 _NOTICED_SIZE = 100_000
 _ALIGNED = ("fixed-window", "sliding-window")
+_RETIRED_TALLIES = 8  # replaced views whose allowed counts are kept apart, see replace_policy
 
 
 def _open_counters(counters: str | CounterStore) -> CounterStore:
@@ -118,19 +120,30 @@ class TenantState:
 class _PolicyView:
     """A policy and the caches computed from it. ``replace_policy`` swaps the whole view
     in one assignment and a check reads it once, so every check runs on one policy from
-    start to finish, also when another thread (``SyncGuard``) swaps it meanwhile."""
+    start to finish, also when another thread (``SyncGuard``) swaps it meanwhile.
+
+    ``allowed[slot]`` counts the allowed decisions whose binding rule is
+    ``policy.rules[slot]`` (named ``names[slot]``): a list item, the cheapest counter
+    the hot path can bump. Other outcomes are rarer and go to ``Guard._tally``.
+    """
 
     policy: Policy
     styles: tuple[HeaderStyle, ...]
     default_plan: str
     default_slot: int
+    names: tuple[str, ...]
+    allowed: list[int]
     states: dict[str, TenantState] = field(default_factory=dict)
     plans: dict[tuple[Any, ...], RoutePlan] = field(default_factory=dict)
 
     @classmethod
     def of(cls, policy: Policy) -> _PolicyView:
         default = policy.default_plan
-        return cls(policy, policy.document.headers, default, policy.plan_index[default])
+        names = tuple(rule.name for rule in policy.rules)  # rule.slot indexes these
+        return cls(
+            policy, policy.document.headers, default, policy.plan_index[default],
+            names, [0] * len(names),
+        )  # fmt: skip
 
 
 class Guard:
@@ -146,7 +159,7 @@ class Guard:
 
     ``replace_policy`` swaps the policy while serving (``tenantguard.reload`` watches a
     file and calls it); ``reload_error`` says why the last reload failed, or is ``None``.
-    Every decision is counted in a plain dict and one in ``SAMPLE_EVERY`` is timed; the
+    Every decision is counted in plain Python and one in ``SAMPLE_EVERY`` is timed; the
     Prometheus collector in ``tenantguard._metrics`` reads both at scrape time.
     """
 
@@ -175,10 +188,12 @@ class Guard:
         self._tenant_ttl = math.inf if isinstance(self.ledger, MemoryLedger) else tenant_ttl
         self._versions = itertools.count(1)
         self._noticed: dict[tuple[str, str, float], None] = {}
-        # outcome -> rule named by the decision ("" for none) -> checks; a plain dict per
-        # outcome so the hot path's increment hashes a str, never builds a tuple
+        # outcome -> rule named by the decision ("" for none) -> checks; allowed decisions
+        # with a binding rule are in the views' lists (_PolicyView.allowed), replaced
+        # views' lists in _retired until folded in here
         self._tally: dict[str, dict[str, int]] = {outcome: {} for outcome in OUTCOMES}
-        self._allowed = self._tally["allowed"]
+        self._retired: list[tuple[tuple[str, ...], list[int]]] = []
+        self._tally_lock = threading.Lock()  # replace_policy and scrapes, never a check
         self._latency = LatencySample()
         track(self)
 
@@ -194,8 +209,30 @@ class Guard:
         the count so far from the next check. Quotas, overrides and tenants read
         ``self.policy`` when called; event retention stays as the guard was built with.
         """
-        self._view = _PolicyView.of(policy)
+        old, self._view = self._view, _PolicyView.of(policy)
         self.policy = policy
+        with self._tally_lock:
+            # checks still under way count in the old list: keep it a few reloads longer
+            self._retired.append((old.names, old.allowed))
+            if len(self._retired) > _RETIRED_TALLIES:
+                names, counts = self._retired.pop(0)
+                allowed = self._tally["allowed"]
+                for name, count in zip(names, counts, strict=True):
+                    allowed[name] = allowed.get(name, 0) + count
+
+    def _decision_counts(self) -> dict[tuple[str, str], int]:
+        """``(rule, outcome)`` -> decisions so far, for the metrics collector."""
+        totals: dict[tuple[str, str], int] = {}
+        with self._tally_lock:
+            view = self._view
+            for names, counts in (*self._retired, (view.names, view.allowed)):
+                for name, count in zip(names, counts.copy(), strict=True):
+                    if count:
+                        totals[name, "allowed"] = totals.get((name, "allowed"), 0) + count
+            for outcome, tally in self._tally.items():  # fixed keys: never resized
+                for name, count in tally.copy().items():
+                    totals[name, outcome] = totals.get((name, outcome), 0) + count
+        return totals
 
     def now(self) -> float:
         return self._clock()
@@ -323,7 +360,6 @@ class Guard:
             key = (method, path, slot)
         route = view.plans.get(key) or self._route(key, state, now, view)
         lease = None
-        styles = view.styles
         outcomes: list[Outcome]
         keys: list[str]
         if not route.countable:
@@ -343,7 +379,7 @@ class Guard:
                     outcomes = await self._store.apply(route.specs, keys, cost, lease, now, tenant)
                 except StoreError as error:
                     return self._degraded(tenant, plan, route, now, error, view.policy)
-        return self._decide(tenant, plan, route, keys, outcomes, cost, lease, now, styles)
+        return self._decide(tenant, plan, route, keys, outcomes, cost, lease, now, view)
 
     async def release(self, lease: str | None) -> None:
         """End the concurrency lease of a decision; ``None`` and repeats are no-ops."""
@@ -515,7 +551,7 @@ class Guard:
         cost: int,
         lease_id: str | None,
         now: float,
-        styles: tuple[HeaderStyle, ...],
+        view: _PolicyView,
     ) -> Decision:
         # the binding rule: the denial with the longest wait, else the least remaining
         denied = bound = -1
@@ -552,7 +588,7 @@ class Guard:
                 None,
                 None,
                 check.reason,
-                styles,
+                view.styles,
                 now,
                 route.fixed,
             )
@@ -579,7 +615,7 @@ class Guard:
                 retry_after,
                 None,
                 reason,
-                styles,
+                view.styles,
                 now,
                 checks,
                 _build_checks,
@@ -597,18 +633,18 @@ class Guard:
             self._count("allowed" if route.rules or route.fixed else "unmatched", "", now)
             return Decision(
                 tenant, plan, 200, None, None, None, None, None, lease, None,
-                styles, now, checks, _build_checks,
+                view.styles, now, checks, _build_checks,
             )  # fmt: skip
         outcome = outcomes[bound]
-        name = route.rules[bound].name
-        allowed = self._allowed  # self._count(), inlined for the most frequent decision
-        count = allowed.get(name, 0) + 1
-        allowed[name] = count
+        rule = route.rules[bound]
+        allowed, slot = view.allowed, rule.slot  # as _count() does, in a list: see _PolicyView
+        count = allowed[slot] + 1
+        allowed[slot] = count
         if count & SAMPLE_MASK == 1:
             self._latency.observe(self._clock() - now)
         return Decision(
-            tenant, plan, 200, name, specs[bound][3], outcome[2], outcome[3],
-            None, lease, None, styles, now, checks, _build_checks,
+            tenant, plan, 200, rule.name, specs[bound][3], outcome[2], outcome[3],
+            None, lease, None, view.styles, now, checks, _build_checks,
         )  # fmt: skip
 
 
