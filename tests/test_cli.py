@@ -361,7 +361,7 @@ async def test_serve_reads_the_environment_and_prints_a_working_token(
     assert denied.status_code == 401
     assert allowed.status_code == 200
     assert allowed.json()["rule"] == "apps-collection"
-    assert ready.json() == {"status": "ready", "policy": str(policy_file)}
+    assert ready.json() == {"status": "ready", "policy": str(policy_file), "reload_error": None}
 
 
 async def test_serve_uses_tokens_from_the_environment(

@@ -368,8 +368,12 @@ class Health(_Out):
 
 
 class Readiness(_Out):
-    """Every store answered and the policy in force loaded; ``policy`` names its file.
-    When not ready the answer is a 503 problem whose ``checks`` say what is down."""
+    """Every store answered and a policy is in force; ``policy`` names its file. A failed
+    reload of that file is reported in ``reload_error`` but keeps the service ready: it
+    goes on serving the last good policy, and one bad edit must not take every replica
+    out of rotation. When not ready the answer is a 503 problem whose ``checks`` say
+    what is down."""
 
     status: Literal["ready"]
     policy: str
+    reload_error: str | None = None
