@@ -276,3 +276,12 @@ async def test_events_are_recorded(guard: Guard) -> None:
     events = await guard.ledger.events("acme", limit=100)
     kinds = sorted(event.kind for event in events)
     assert kinds == ["plan_changed", "quota_exceeded", "violation", "warning"]
+
+
+@pytest.mark.parametrize("amount", [0, -1, True])
+async def test_amount_must_be_positive(guard: Guard, amount: int) -> None:
+    await guard.quotas.acquire("acme", "applications")
+    for call in (guard.quotas.acquire, guard.quotas.release):
+        with pytest.raises(ValueError, match="amount must be a whole number >= 1"):
+            await call("acme", "applications", amount)
+    assert (await guard.quotas.get("acme", "applications")).used == 1

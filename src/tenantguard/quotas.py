@@ -104,6 +104,13 @@ class QuotaExceeded(TenantguardError):
         super().__init__(f"{why}. {advice}")
 
 
+def _amount(amount: object) -> int:
+    """A positive whole number: a negative acquire must not turn into a release."""
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount < 1:
+        raise ValueError(f"amount must be a whole number >= 1, got {amount!r}")
+    return amount
+
+
 class Quotas:
     def __init__(self, guard: Guard) -> None:
         self._guard = guard
@@ -163,7 +170,7 @@ class Quotas:
     ) -> Usage:
         """Take ``amount`` of ``quota`` (and of every quota it counts toward), or raise
         ``QuotaExceeded`` having taken nothing."""
-        return await self._change(tenant, quota, amount, scope, idempotency_key)
+        return await self._change(tenant, quota, _amount(amount), scope, idempotency_key)
 
     async def release(
         self,
@@ -175,13 +182,11 @@ class Quotas:
         idempotency_key: str | None = None,
     ) -> Usage:
         """Give back ``amount`` (never below zero); always allowed, even over a cap."""
-        return await self._change(tenant, quota, -amount, scope, idempotency_key)
+        return await self._change(tenant, quota, -_amount(amount), scope, idempotency_key)
 
     async def _change(
         self, tenant: str, name: str, amount: int, scope: str | None, key: str | None
     ) -> Usage:
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount == 0:
-            raise ValueError(f"amount must be a whole number >= 1, got {abs(amount)!r}")
         quota = self._quota(name)
         where = self._scope(quota, scope)
         guard = self._guard
