@@ -20,8 +20,9 @@ from redis.asyncio.connection import SSLConnection
 
 from servers import RedisCluster, RedisSentinel, RedisServer
 from tenantguard import Decision, Guard, RuleCheck, parse_policy
+from tenantguard.errors import StoreError
 from tenantguard.stores import CounterSpec, open_counters
-from tenantguard.stores.redis_store import RedisCounters
+from tenantguard.stores.redis_store import MAX_BATCH, SPLIT, RedisCounters, counter_key
 
 T = 1_700_000_040.0  # an exact minute since the epoch, 840 s into its hour
 OPTIONS = "?clock=local&timeout=5"
@@ -323,21 +324,21 @@ async def test_script_flush_between_checks_reloads_the_script(target: Target) ->
     assert set(target.scan().values()) == set(range(len(target.nodes)))
 
 
-# --- 4. concurrent calls share pipelines -----------------------------------------------
+# --- 4. concurrent calls share script calls ---------------------------------------------
 
 
-async def test_concurrent_applies_are_pipelined(
+async def test_concurrent_applies_are_batched(
     target: Target, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = target.store()
-    pipes: list[int] = []
-    original = store._pipe
+    sends: list[list[int]] = []  # per round trip to a node: the records of each script call
+    original = store._send_groups
 
-    async def counting(client: Any, batch: list[Any]) -> list[Any]:
-        pipes.append(len(batch))
-        return await original(client, batch)
+    async def counting(client: Any, groups: list[list[Any]]) -> list[Any]:
+        sends.append([len(group) for group in groups])
+        return await original(client, groups)
 
-    monkeypatch.setattr(store, "_pipe", counting)
+    monkeypatch.setattr(store, "_send_groups", counting)
     spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 15, 15, True)
     tenants = [f"t{i % 10}" for i in range(200)]
     try:
@@ -346,14 +347,72 @@ async def test_concurrent_applies_are_pipelined(
         )
     finally:
         await store.close()
-    assert sum(pipes) == 200
-    assert len(pipes) < 20, pipes
-    assert len(pipes) <= len(target.nodes), pipes  # one turn of the loop: one per node
+    assert sum(map(sum, sends)) == 200
+    # one turn of the loop: SPLIT batches, each one trip per node
+    assert len(sends) <= SPLIT * len(target.nodes), sends
+    calls = [size for trip in sends for size in trip]
+    if len(target.nodes) == 1:
+        assert calls == [200 // SPLIT] * SPLIT  # one script call per batch
+    else:
+        assert len(calls) <= SPLIT * 10, calls  # per batch, one script call per hash slot
     for name in {f"t{i}" for i in range(10)}:
         mine = [out[0] for tenant, out in zip(tenants, outcomes, strict=True) if tenant == name]
         assert sum(allowed for allowed, *_ in mine) == 15, name
         remaining = sorted(left for allowed, _, left, _, _ in mine if allowed)
         assert remaining == list(range(15)), name
+
+
+async def test_a_turn_larger_than_a_script_call_is_cut_into_several(single: Target) -> None:
+    store = single.store()
+    sizes: list[int] = []
+    original = store._send_groups
+
+    async def counting(client: Any, groups: list[list[Any]]) -> list[Any]:
+        sizes.extend(len(group) for group in groups)
+        return await original(client, groups)
+
+    store._send_groups = counting  # type: ignore[method-assign]
+    spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 50, 50, True)
+    tenants = [f"t{i % 12}" for i in range(3 * SPLIT * MAX_BATCH)]
+    try:
+        outcomes = await asyncio.gather(
+            *(store.apply([spec], [tenant], 1, None, T, tenant) for tenant in tenants)
+        )
+    finally:
+        await store.close()
+    assert sum(sizes) == len(tenants)
+    assert max(sizes) == MAX_BATCH
+    for name in set(tenants):
+        mine = [out[0] for tenant, out in zip(tenants, outcomes, strict=True) if tenant == name]
+        assert sum(allowed for allowed, *_ in mine) == 50, name
+
+
+async def test_a_key_of_the_wrong_type_fails_only_its_own_decision(target: Target) -> None:
+    spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 5, 5, True)
+    with target.clients() as clients:
+        key = counter_key("broken", spec.table, "broken", scoped=True)
+        for client in clients:
+            try:
+                client.lpush(key, "not a counter")
+            except redis.exceptions.ResponseError:
+                continue  # MOVED: another node owns the slot
+    store = target.store()
+    tenants = [f"t{i}" for i in range(20)] + ["broken"]
+    try:
+        outcomes = await asyncio.gather(
+            *(store.apply([spec], [tenant], 1, None, T, tenant) for tenant in tenants),
+            return_exceptions=True,
+        )
+    finally:
+        await store.close()
+    broken = outcomes[-1]
+    assert isinstance(broken, StoreError), broken
+    assert "WRONGTYPE" in str(broken.__cause__)
+    for outcome in outcomes[:-1]:
+        assert not isinstance(outcome, BaseException), outcome
+        assert outcome[0][0] is True
+        assert outcome[0][2] == 4
+    assert store.breaker.state == "closed"  # one bad key is not an outage
 
 
 # --- 5. the server clock ---------------------------------------------------------------

@@ -1,19 +1,27 @@
--- tenantguard counter script: every rule of one decision, atomically, in one call.
+-- tenantguard counter script: a batch of decisions, each atomic and all-or-nothing, in
+-- one call.
 --
 -- The functions below are line-for-line ports of tenantguard/algorithms/*.py; the
 -- conformance suite (tests/conformance.py) runs the same scenarios against both.
 --
--- apply:   KEYS[i] the counter key of spec i
---          ARGV "apply", now ("" = the server's TIME), cost, lease id, then per spec:
---          algorithm code (f, s, t, g, c), limit, window (lease ttl for c), burst, enforce (1/0)
---          returns { now as text, {allowed, remaining, reset, retry_after}... } with reset and
---          retry_after in whole microseconds (retry_after -1: never); nothing is written
---          unless every enforced spec admitted.
---          "probe" answers the same without writing.
--- refund:  KEYS and ARGV as for the apply being taken back (with the now it used): gives
---          back what that apply counted. Commutative with other calls, so it is exact
---          even when other decisions have written the keys in between.
--- release: KEYS[1] a concurrency counter; ARGV "release", now, lease id
+-- ARGV is a sequence of records, one per decision (or release or refund), each naming the
+-- next n KEYS:
+--   op, at, cost, lease, n, then for apply/probe/refund 5 words per key:
+--   algorithm code (f, s, t, g, c), limit, window (lease ttl for c), burst, enforce (1/0)
+-- `at` is the record's instant in seconds; "" means the server's TIME (read once per call).
+-- The reply holds one entry per record, in order:
+--   apply:   { at as text, {allowed, remaining, reset, retry_after}... } with reset and
+--            retry_after in whole microseconds (retry_after -1: never); nothing is written
+--            unless every enforced spec admitted.
+--   probe:   the same, without writing.
+--   refund:  gives back what the apply at `at` counted. Commutative with other calls, so
+--            it is exact even when other decisions have written the keys in between.
+--   release: drops lease `lease` from the concurrency counter KEYS[i].
+--   a record that fails (a key of the wrong type, say) answers "error: <message>" and
+--   leaves the others untouched; every write of a record comes after all its reads.
+--
+-- Batching is what makes a busy Redis fast: the call, the script's set-up and the reply
+-- are paid once per batch instead of once per decision.
 --
 -- States are MessagePack arrays (exact doubles, and packed in C, which matters: text
 -- formatting was the largest cost of a call):
@@ -190,18 +198,12 @@ end
 local STEPS = { f = fixed_window, s = sliding_window, t = token_bucket, g = gcra,
   c = concurrency }
 
-local now = tonumber(ARGV[2])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-
-if ARGV[1] == 'release' then
-  local ids, exps, costs = live_leases(redis.call('GET', KEYS[1]) or nil, now)
+local function release(now, key, lease)
+  local ids, exps, costs = live_leases(redis.call('GET', key) or nil, now)
   local keep_ids, keep_exps, keep_costs = {}, {}, {}
   local latest = now
   for i = 1, #ids do
-    if ids[i] ~= ARGV[3] then
+    if ids[i] ~= lease then
       keep_ids[#keep_ids + 1] = ids[i]
       keep_exps[#keep_exps + 1] = exps[i]
       keep_costs[#keep_costs + 1] = costs[i]
@@ -209,16 +211,15 @@ if ARGV[1] == 'release' then
     end
   end
   if #keep_ids == 0 then
-    redis.call('DEL', KEYS[1])
+    redis.call('DEL', key)
   else
     local ttl = math.ceil((latest - now) * 1000) + 1000
-    redis.call('SET', KEYS[1], encode_leases(keep_ids, keep_exps, keep_costs), 'PX', ttl)
+    redis.call('SET', key, encode_leases(keep_ids, keep_exps, keep_costs), 'PX', ttl)
   end
-  return num(now)
 end
 
 -- take back `cost` counted at `now` (refunds commute: other writers may have come between)
-local function refund(code, key, now, limit, window, burst, cost, lease)
+local function refund(code, key, now, limit, window, cost, lease)
   local state = redis.call('GET', key)
   if not state then return end
   local f = split(state)
@@ -257,51 +258,84 @@ local function refund(code, key, now, limit, window, burst, cost, lease)
   redis.call('SET', key, new, 'KEEPTTL')
 end
 
-if ARGV[1] == 'refund' then
-  local cost, lease = tonumber(ARGV[3]), ARGV[4]
-  for i = 1, #KEYS do
-    local base = 4 + (i - 1) * 5
-    refund(ARGV[base + 1], KEYS[i], now, tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]),
-      tonumber(ARGV[base + 4]), cost, lease)
+-- one decision: KEYS[k + 1 .. k + n], spec words from ARGV[a + 1]
+local function decide(op, now, cost, lease, k, n, a)
+  local pending = {}   -- key -> {state, expires}, applied in order, so a key named twice sees itself
+  local replies = { num(now) }
+  local blocked = false
+  for i = 1, n do
+    local base = a + (i - 1) * 5
+    local code = ARGV[base + 1]
+    local limit, window = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+    local burst, enforce = tonumber(ARGV[base + 4]), ARGV[base + 5] == '1'
+    local key = KEYS[k + i]
+    local state
+    if pending[key] and not blocked then
+      state = pending[key][1]
+    else
+      -- after a denial, the specs still unanswered see the stored state: nothing is written
+      -- (GET, not one MGET: MGET reads a key of another type as empty, and the SET below
+      -- would then overwrite it; GET refuses)
+      state = redis.call('GET', key)
+    end
+    if state == false then state = nil end
+    local allowed, new, remaining, reset, retry, expires =
+      STEPS[code](state, now, limit, window, burst, cost, lease)
+    if allowed and not blocked then
+      pending[key] = { new, expires }
+    elseif not allowed and enforce then
+      blocked = true
+    end
+    replies[#replies + 1] = { allowed and 1 or 0, remaining, micros(reset), micros(retry) }
+  end
+  if not blocked and op == 'apply' then
+    for key, item in pairs(pending) do
+      local ttl = math.ceil((item[2] - now) * 1000) + 1000
+      redis.call('SET', key, item[1], 'PX', ttl)
+    end
+  end
+  return replies
+end
+
+local function record(op, now, cost, lease, k, n, a)
+  if op == 'apply' or op == 'probe' then
+    return decide(op, now, cost, lease, k, n, a)
+  elseif op == 'release' then
+    for i = 1, n do release(now, KEYS[k + i], lease) end
+  elseif op == 'refund' then
+    for i = 1, n do
+      local base = a + (i - 1) * 5
+      refund(ARGV[base + 1], KEYS[k + i], now, tonumber(ARGV[base + 2]),
+        tonumber(ARGV[base + 3]), cost, lease)
+    end
+  else
+    error('unknown operation ' .. tostring(op))
   end
   return num(now)
 end
 
-local op = ARGV[1]
-local cost = tonumber(ARGV[3])
-local lease = ARGV[4]
-
-local pending = {}   -- key -> {state, expires}, applied in order, so a key named twice sees itself
-local replies = { num(now) }
-local blocked = false
-for i = 1, #KEYS do
-  local base = 4 + (i - 1) * 5
-  local code = ARGV[base + 1]
-  local limit, window = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
-  local burst, enforce = tonumber(ARGV[base + 4]), ARGV[base + 5] == '1'
-  local key = KEYS[i]
-  local state
-  if pending[key] and not blocked then
-    state = pending[key][1]
-  else
-    -- after a denial, the specs still unanswered see the stored state: nothing is written
-    state = redis.call('GET', key)
+local server_now
+local replies = {}
+local k, a = 0, 0
+while a < #ARGV do
+  local op, at, cost, lease, n = ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]),
+    ARGV[a + 4], tonumber(ARGV[a + 5])
+  a = a + 5
+  local now = tonumber(at)
+  if not now then
+    if not server_now then
+      local t = redis.call('TIME')
+      server_now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+    end
+    now = server_now
   end
-  if state == false then state = nil end
-  local allowed, new, remaining, reset, retry, expires =
-    STEPS[code](state, now, limit, window, burst, cost, lease)
-  if allowed and not blocked then
-    pending[key] = { new, expires }
-  elseif not allowed and enforce then
-    blocked = true
+  local ok, reply = pcall(record, op, now, cost, lease, k, n, a)
+  if not ok then
+    if type(reply) == 'table' then reply = reply.err end
+    reply = 'error: ' .. tostring(reply)
   end
-  replies[#replies + 1] = { allowed and 1 or 0, remaining, micros(reset), micros(retry) }
-end
-
-if not blocked and op ~= 'probe' then
-  for key, item in pairs(pending) do
-    local ttl = math.ceil((item[2] - now) * 1000) + 1000
-    redis.call('SET', key, item[1], 'PX', ttl)
-  end
+  replies[#replies + 1] = reply
+  k = k + n
+  if op ~= 'release' then a = a + 5 * n end
 end
 return replies

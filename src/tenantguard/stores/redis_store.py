@@ -1,11 +1,12 @@
 """Counters in Redis, Redis Cluster or a Sentinel-managed Redis.
 
-Every decision is one script call (EVALSHA of ``counters.lua``, which ports the pure
-algorithms line for line): all of a decision's keys carry the same ``{hash tag}``, the
-tenant's, so they share a cluster slot and the script can touch them all atomically.
-Concurrent calls from one process are gathered into one pipeline per event-loop turn
-(auto-pipelining), so throughput grows with concurrency instead of paying one round
-trip per check. A circuit breaker stops waiting on a dead server and probes for its
+Every decision is one record of a script call (EVALSHA of ``counters.lua``, which ports
+the pure algorithms line for line): all of a decision's keys carry the same ``{hash
+tag}``, the tenant's, so they share a cluster slot and the script can touch them all
+atomically. Concurrent decisions from one process are gathered per event-loop turn into
+one script call (on a cluster: one per slot, pipelined per node), so throughput grows
+with concurrency: the round trip, the command and the script's set-up are paid once per
+batch instead of once per check. A circuit breaker stops waiting on a dead server and probes for its
 return; every failure surfaces as ``StoreError`` for the guard to handle by policy.
 
 URLs: ``redis://host:port/db``, ``rediss://…`` (TLS), ``redis+cluster://host:port`` (any
@@ -20,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Sequence
-from functools import partial
+from functools import lru_cache, partial
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
+from hiredis import pack_command
 from redis import asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
@@ -71,20 +73,39 @@ def _part(text: str) -> str:
     return text if _SAFE.fullmatch(text) else quote(text, safe="")
 
 
+@lru_cache(maxsize=4096)
+def _table_part(table: str) -> str:
+    # tables are few and named by the policy ("rule|algorithm|window"): encode each once
+    return _part(table)
+
+
 def counter_key(tenant: str, table: str, key: str, *, scoped: bool) -> str:
     """``tg:{tenant}:table[:key]``; counters not keyed by tenant tag by their own key."""
     if scoped:
         tag = _part(tenant)
-        return f"{_PREFIX}:{{{tag}}}:{_part(table)}" + ("" if key == tenant else f":{_part(key)}")
+        name = _table_part(table)
+        return f"{_PREFIX}:{{{tag}}}:{name}" + ("" if key == tenant else f":{_part(key)}")
     tag = "~" + _part(key)
-    return f"{_PREFIX}:{{{tag}}}:{_part(table)}"
+    return f"{_PREFIX}:{{{tag}}}:{_table_part(table)}"
 
 
 def _tag(redis_key: str) -> str:
     return redis_key[redis_key.index("{") : redis_key.index("}") + 1]
 
 
+# records per script call: enough to amortise the call, few enough that one call holds
+# Redis (single-threaded) for no more than a few milliseconds
+MAX_BATCH = 256
+# A large turn's calls go out as SPLIT batches on their own connections: the callers of
+# the first reply run (and queue their next checks) while Redis works on the second, so
+# the client and the server overlap instead of taking turns.
+SPLIT = 2
+SPLIT_MIN = 8
+
+
 class _Call:
+    """One record of a batch: its keys and its words (see ``counters.lua``)."""
+
     __slots__ = ("args", "future", "keys")
 
     def __init__(self, keys: list[str], args: list[str], future: asyncio.Future[Any]) -> None:
@@ -192,7 +213,7 @@ class RedisCounters:
     async def release(self, table: str, key: str, lease: str, now: float, tenant: str = "") -> None:
         redis_key = counter_key(tenant or key, table, key, scoped=bool(tenant))
         clock = "" if self._server_clock else repr(now)
-        await self._call([redis_key], ["release", clock, lease])
+        await self._call([redis_key], ["release", clock, "0", lease, "1"])
 
     async def close(self) -> None:
         if self._tasks:
@@ -222,7 +243,7 @@ class RedisCounters:
                 if len(self._spec_words) >= 4096:
                     self._spec_words.clear()
                 self._spec_words[specs] = words
-        return [op, clock, str(cost), lease or "", *words]
+        return [op, clock, str(cost), lease or "", str(len(specs)), *words]
 
     async def _apply_across_slots(
         self,
@@ -279,12 +300,17 @@ class RedisCounters:
         return await call.future
 
     def _flush(self) -> None:
-        """Send every call queued during this loop turn as one pipeline."""
+        """Send every call queued during this loop turn as one batch."""
         self._scheduled = False
-        batch, self._queue = self._queue, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._tasks.add(task)
-        task.add_done_callback(partial(self._sent, batch))
+        queued, self._queue = self._queue, []
+        parts = SPLIT if len(queued) >= SPLIT * SPLIT_MIN else 1
+        size = -(-len(queued) // parts)
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(queued), size):
+            batch = queued[start : start + size]
+            task = loop.create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(partial(self._sent, batch))
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
@@ -344,48 +370,101 @@ class RedisCounters:
         return str(next(iter(loaded.values())) if isinstance(loaded, dict) else loaded)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
+        """One reply per call: the record's answer or the exception that stopped it."""
         if not self._cluster:
-            return await self._pipe(self._client, batch)
-        # the cluster client will not pipeline scripts, so pipeline per owning node
-        groups: dict[str, list[int]] = {}
-        owners: dict[str, Any] = {}
+            return await self._send_groups(self._client, _chunks(batch))
+        # a cluster script may only touch one slot: a call per hash tag, pipelined per node
+        tags: dict[str, list[int]] = {}
         for index, call in enumerate(batch):
-            node = self._client.get_node_from_key(call.keys[0])
-            groups.setdefault(node.name, []).append(index)
+            tags.setdefault(_tag(call.keys[0]), []).append(index)
+        nodes: dict[str, list[list[int]]] = {}
+        owners: dict[str, Any] = {}
+        for indices in tags.values():
+            node = self._client.get_node_from_key(batch[indices[0]].keys[0])
+            for chunk in _chunks(indices):
+                nodes.setdefault(node.name, []).append(chunk)
             owners[node.name] = node
         replies: list[Any] = [None] * len(batch)
 
-        async def run(name: str, indices: list[int]) -> None:
+        async def run(name: str, groups: list[list[int]]) -> None:
             node = owners[name]
             client = self._nodes.get(name)
             if client is None:
                 client = aioredis.Redis(host=node.host, port=node.port, **self._node_options)
                 self._nodes[name] = client
-            answers = await self._pipe(client, [batch[i] for i in indices])
-            for i, answer in zip(indices, answers, strict=True):
+            answers = await self._send_groups(client, [[batch[i] for i in g] for g in groups])
+            for i, answer in zip((i for g in groups for i in g), answers, strict=True):
                 replies[i] = answer
 
-        await asyncio.gather(*(run(name, indices) for name, indices in groups.items()))
+        await asyncio.gather(*(run(name, groups) for name, groups in nodes.items()))
         moved = [i for i, reply in enumerate(replies) if isinstance(reply, MovedError | AskError)]
         if moved:
             # slots moved (resharding, failover): learn the new map, let the cluster
-            # client follow redirects for these few
+            # client follow redirects for these few, one call each
             await self._client.nodes_manager.initialize()
             for i in moved:
                 call = batch[i]
                 try:
-                    replies[i] = await self._client.evalsha(
+                    answer = await self._client.evalsha(
                         self._sha, len(call.keys), *call.keys, *call.args
                     )
+                    replies[i] = _record(answer[0])
                 except ResponseError as error:
                     replies[i] = error
         return replies
 
-    async def _pipe(self, client: Any, batch: list[_Call]) -> list[Any]:
-        pipe = client.pipeline(transaction=False)
-        for call in batch:
-            pipe.evalsha(self._sha, len(call.keys), *call.keys, *call.args)
-        return list(await pipe.execute(raise_on_error=False))
+    async def _send_groups(self, client: Any, groups: list[list[_Call]]) -> list[Any]:
+        """One script call per group, all in one write; one reply per call.
+
+        The commands are packed by hiredis in C and written straight to a pooled
+        connection: redis-py's asyncio client packs in Python, argument by argument,
+        which cost more than everything else a batched decision does."""
+        packed = []
+        for group in groups:
+            keys: list[str] = []
+            args: list[str] = []
+            for call in group:
+                keys += call.keys
+                args += call.args
+            # hiredis's stub types the tuple as one item; any length is accepted
+            command: Any = ("EVALSHA", self._sha or "", len(keys), *keys, *args)
+            packed.append(pack_command(command))
+        pool = client.connection_pool
+        connection = await pool.get_connection()
+        answers: list[Any] = []
+        try:
+            await connection.send_packed_command(b"".join(packed), check_health=False)
+            for _ in packed:
+                try:
+                    answers.append(await connection.read_response())
+                except ResponseError as error:
+                    answers.append(error)
+        except BaseException:
+            # a write or read cut short (timeout, cancel, I/O): the stream is out of step
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(connection)
+        replies: list[Any] = []
+        for group, answer in zip(groups, answers, strict=True):
+            if isinstance(answer, Exception):
+                replies += [answer] * len(group)
+            elif not isinstance(answer, list) or len(answer) != len(group):
+                raise RedisError(f"a batch of {len(group)} answered {str(answer)[:80]!r}")
+            else:
+                replies += [_record(item) for item in answer]
+        return replies
+
+
+def _chunks(items: list[Any]) -> list[list[Any]]:
+    return [items[start : start + MAX_BATCH] for start in range(0, len(items), MAX_BATCH)]
+
+
+def _record(answer: Any) -> Any:
+    """A record's answer, or the ``ResponseError`` the script reported for it alone."""
+    if isinstance(answer, str) and answer.startswith("error: "):
+        return ResponseError(answer[len("error: ") :])
+    return answer
 
 
 def _settle(call: _Call, cause: BaseException, message: str) -> None:
@@ -397,11 +476,13 @@ def _settle(call: _Call, cause: BaseException, message: str) -> None:
 
 
 _UNREADY = (BusyLoadingError, ReadOnlyError, ClusterDownError, MasterDownError, TryAgainError)
+_UNREADY_PREFIXES = ("BUSY", "MASTERDOWN", "READONLY", "LOADING", "CLUSTERDOWN", "TRYAGAIN")
 
 
 def _unready(error: ResponseError) -> bool:
-    # redis-py turns these replies into their own classes and strips the prefix
-    return isinstance(error, _UNREADY) or str(error).startswith(("BUSY", "MASTERDOWN"))
+    # redis-py turns these replies into their own classes and strips the prefix; an
+    # error reported by the script for one record keeps it
+    return isinstance(error, _UNREADY) or str(error).startswith(_UNREADY_PREFIXES)
 
 
 def _outcomes(reply: list[Any]) -> list[Outcome]:
