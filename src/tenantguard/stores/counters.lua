@@ -10,9 +10,9 @@
 --   algorithm code (f, s, t, g, c), limit, window (lease ttl for c), burst, enforce (1/0)
 -- `at` is the record's instant in seconds; "" means the server's TIME (read once per call).
 -- The reply holds one entry per record, in order:
---   apply:   { at as text, {allowed, remaining, reset, retry_after}... } with reset and
---            retry_after in whole microseconds (retry_after -1: never); nothing is written
---            unless every enforced spec admitted.
+--   apply:   { at as text, then per spec: allowed, remaining, reset, retry_after } with
+--            reset and retry_after in whole microseconds (retry_after -1: never); nothing
+--            is written unless every enforced spec admitted.
 --   probe:   the same, without writing.
 --   refund:  gives back what the apply at `at` counted. Commutative with other calls, so
 --            it is exact even when other decisions have written the keys in between.
@@ -32,8 +32,10 @@ local EPSILON = 1e-9
 local EARLY = 1e-6
 local NEVER = 1 / 0
 
+local formatted_x, formatted  -- a batch's records mostly share one instant: format it once
 local function num(x)
-  return string.format('%.17g', x)
+  if x ~= formatted_x then formatted_x, formatted = x, string.format('%.17g', x) end
+  return formatted
 end
 
 local unpack_table = unpack  -- Lua 5.1's global: a table's items as values
@@ -286,7 +288,11 @@ local function decide(op, now, cost, lease, k, n, a)
     elseif not allowed and enforce then
       blocked = true
     end
-    replies[#replies + 1] = { allowed and 1 or 0, remaining, micros(reset), micros(retry) }
+    local r = #replies  -- flat: a table per spec cost a fifth of the whole call
+    replies[r + 1] = allowed and 1 or 0
+    replies[r + 2] = remaining
+    replies[r + 3] = micros(reset)
+    replies[r + 4] = micros(retry)
   end
   if not blocked and op == 'apply' then
     for key, item in pairs(pending) do

@@ -486,11 +486,13 @@ def _unready(error: ResponseError) -> bool:
 
 
 def _outcomes(reply: list[Any]) -> list[Outcome]:
-    """Script replies to outcome tuples (the state stays in Redis: ``None`` here).
+    """A record's flat reply (instant, then four numbers per spec) to outcome tuples; the
+    state stays in Redis (``None`` here).
 
     Instants and waits arrive in whole microseconds; a wait of -1 means never."""
     out: list[Outcome] = []
-    for allowed, remaining, reset, retry in reply[1:]:
+    for index in range(1, len(reply), 4):
+        allowed, remaining, reset, retry = reply[index : index + 4]
         wait = NEVER if retry == -1 else retry / 1e6
         out.append((allowed == 1, None, remaining, reset / 1e6, wait))
     return out
