@@ -554,3 +554,16 @@ async def test_the_fastapi_example() -> None:
     assert user.json() == {"id": "00u1"}
     assert health.status_code == 200
     assert "X-Rate-Limit-Limit" not in health.headers
+
+
+async def test_a_reloaded_error_style_applies_to_the_next_refusal() -> None:
+    guard = make_guard(errors="problem+json", clock=Clock())
+    async with client(guard) as http:
+        first = await exhaust(http)
+        guard.replace_policy(parse_policy(POLICY.replace("HEADERS", "okta").replace(
+            "ERRORS", "logto").replace("ON_ERROR", "allow")))  # fmt: skip
+        second = await http.get("/reports", headers=ACME)
+    assert first.headers["Content-Type"] == "application/problem+json"
+    assert first.json()["code"] == "rate_limited"
+    assert second.status_code == 429
+    assert second.json()["code"] == "guard.rate_limit_exceeded"

@@ -310,3 +310,13 @@ async def test_around_polls_for_the_lifespan_of_an_asgi_app(
         "lifespan.shutdown",
         "lifespan.shutdown.complete",
     ]
+
+
+async def test_a_reloaded_event_retention_applies_to_the_next_purge(policy_file: Path) -> None:
+    guard = Guard(load_policy(policy_file), clock=lambda: MINUTE)
+    reloader = await primed(policy_file, guard)
+    assert guard.events.retention == 14 * 86400
+    policy_file.write_text(policy_text() + "events: {retention: 2d}\n")
+    assert await reloader.reload_now()
+    assert guard.events.retention == 2 * 86400
+    await guard.close()

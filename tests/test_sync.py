@@ -440,3 +440,18 @@ def test_the_flask_example() -> None:
     health = client.get("/healthz")
     assert health.status_code == 200
     assert "X-Rate-Limit-Limit" not in health.headers
+
+
+def test_wsgi_follows_a_reloaded_error_style() -> None:
+    app, sync = wsgi("problem+json")
+    for _ in range(3):
+        app(environ("/reports/1", x_tenant_id="acme"), Started())
+    started = Started()
+    body = b"".join(app(environ("/reports/1", x_tenant_id="acme"), started))
+    assert b'"code":"rate_limited"' in body
+    sync.guard.replace_policy(parse_policy(POLICY.replace("ERRORS", "okta")))
+    started = Started()
+    body = b"".join(app(environ("/reports/1", x_tenant_id="acme"), started))
+    assert started.status == "429 Too Many Requests"
+    assert b'"errorCode":"E0000047"' in body
+    sync.close()

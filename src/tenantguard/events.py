@@ -41,7 +41,7 @@ class EventSink:
     ) -> None:
         self._ledger = ledger
         self._clock = clock
-        self._retention = retention
+        self.retention = retention  # seconds; a policy reload sets it anew
         self._buffer: deque[EventRecord] = deque()
         self._capacity = capacity
         self._task: asyncio.Task[None] | None = None
@@ -93,7 +93,7 @@ class EventSink:
         if self._purged_at is None or now - self._purged_at >= _PURGE_EVERY:
             self._purged_at = now
             await self._ledger.purge(
-                events_before=now - self._retention, keys_before=now - IDEMPOTENCY_RETENTION
+                events_before=now - self.retention, keys_before=now - IDEMPOTENCY_RETENTION
             )
 
     async def _run(self) -> None:

@@ -207,10 +207,11 @@ class Guard:
         the store under their table ids (``rule|algorithm|window``), so a rule that keeps
         its name, algorithm and window carries on counting; a changed limit applies to
         the count so far from the next check. Quotas, overrides and tenants read
-        ``self.policy`` when called; event retention stays as the guard was built with.
+        ``self.policy`` when called; event retention applies from the next purge.
         """
         old, self._view = self._view, _PolicyView.of(policy)
         self.policy = policy
+        self.events.retention = policy.document.events.retention
         with self._tally_lock:
             # checks still under way count in the old list: keep it a few reloads longer
             self._retired.append((old.names, old.allowed))

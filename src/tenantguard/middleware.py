@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
-from tenantguard._errors_style import Answer, problem, refusal
+from tenantguard._errors_style import Answer, ErrorStyle, problem, refusal
 from tenantguard.errors import StoreError
 
 if TYPE_CHECKING:
@@ -67,7 +67,11 @@ class TenantGuardMiddleware:
         self.guard = guard
         self.tenant = tenant_resolver(tenant, default_tenant)
         self.client_header = (client_header or "").lower()
-        self.errors = guard.policy.document.errors
+
+    @property
+    def errors(self) -> ErrorStyle:
+        """The policy's error style, read per refusal so a hot reload changes it too."""
+        return self.guard.policy.document.errors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from tenantguard._errors_style import Answer, refusal
+from tenantguard._errors_style import Answer, ErrorStyle, refusal
 from tenantguard.errors import StoreError
 from tenantguard.middleware import TenantSpec, failure, tenant_resolver
 
@@ -218,7 +218,11 @@ class TenantGuardWSGI:
         self.guard = guard
         self.tenant = tenant_resolver(tenant, default_tenant)
         self.client_header = (client_header or "").lower()
-        self.errors = guard.guard.policy.document.errors
+
+    @property
+    def errors(self) -> ErrorStyle:
+        """The policy's error style, read per refusal so a hot reload changes it too."""
+        return self.guard.guard.policy.document.errors
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         headers, path = _request(environ)
