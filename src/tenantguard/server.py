@@ -6,14 +6,15 @@ environment is read once, in ``tenantguard.cli``. The OpenAPI document at
 
 What every request goes through, in order:
 
-1. ``_SegmentPaths`` routes on the raw path, one segment at a time, so an id may hold
-   any character URL-encoded, ``%2F`` included, without reaching another route;
-2. the route's class (``_Route``) checks the bearer token for the route's role, *then*
+1. ``SegmentPaths`` (``_api_requests``) routes on the raw path, one segment at a time,
+   so an id may hold any character URL-encoded, ``%2F`` included, without reaching
+   another route;
+2. the route's class (``Route``) checks the bearer token for the route's role, *then*
    reads the body, at most ``MAX_BODY_BYTES`` of it however it is sent, and parses it as
    JSON: nothing of an unauthenticated request is read or parsed;
 3. FastAPI validates the body against the route's (strict, closed) model;
 4. the endpoint calls the guard, whose exceptions become problems in one table
-   (``_translate``).
+   (``_api_problems.translate``).
 
 Every error is ``application/problem+json`` with a stable ``code`` a client can switch
 on; bad input is always a 4xx that names what was wrong, never a 5xx. Anything else is
@@ -23,31 +24,19 @@ logged and answered 500 ``internal_error`` without details. Tokens are never log
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from http import HTTPStatus
-from typing import Annotated, Any, ClassVar, Literal
-from urllib.parse import quote_from_bytes, unquote, unquote_to_bytes
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Path, Query
+from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRoute, APIRouter
+from fastapi.routing import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import AfterValidator, Field
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenantguard import __version__
 from tenantguard._api_models import (
-    MAX_ID_LENGTH,
     MAX_INSTANT,
     ApproveBody,
     CheckBody,
@@ -71,394 +60,44 @@ from tenantguard._api_models import (
     TenantOut,
     UsageBody,
     UsageOut,
-    check_text,
 )
-from tenantguard.errors import StoreError, UnknownLeaseError
+from tenantguard._api_openapi import DocumentedApp
+from tenantguard._api_problems import (
+    ProblemError,
+    http_problem,
+    internal_problem,
+    validation_problem,
+)
+from tenantguard._api_requests import (
+    MAX_BODY_BYTES,
+    AdminRoute,
+    GuardDep,
+    Lease,
+    LimitName,
+    QueryText,
+    QuotaName,
+    RequestId,
+    Route,
+    SegmentPaths,
+    ServiceRoute,
+    ServiceState,
+    TenantId,
+    Tokens,
+    digest,
+)
 from tenantguard.guard import Guard
-from tenantguard.increases import RequestConflict, UnknownRequestError
 from tenantguard.ledger import EventRecord, IncreaseRequest, OverrideRecord, TenantRecord
-from tenantguard.overrides import OverrideRefused, UnknownLimitError
-from tenantguard.quotas import QuotaExceeded, UnknownQuotaError, Usage
-from tenantguard.tenants import UnknownPlanError
+from tenantguard.quotas import Usage
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
-MAX_BODY_BYTES = 64 * 1024
 PING_TIMEOUT = 2.0
 """Seconds ``/readyz`` waits for each store before calling it down."""
 
-_log = logging.getLogger(__name__)
-_PROBLEM = "application/problem+json"
-_TITLES = {
-    "unauthorized": "Missing or invalid bearer token",
-    "forbidden": "This token may not use this route",
-    "malformed_json": "Request body is not valid JSON",
-    "invalid_request": "Request is not valid",
-    "body_too_large": "Request body too large",
-    "tenant_not_found": "No such tenant",
-    "quota_not_found": "No such quota",
-    "limit_not_found": "No such rate limit or quota",
-    "request_not_found": "No such increase request",
-    "override_not_found": "No such override",
-    "lease_not_found": "No such lease",
-    "quota_exceeded": "Quota exceeded",
-    "usage_exceeded": "Usage quota exceeded",
-    "override_refused": "Override refused",
-    "request_already_decided": "Increase request already decided",
-    "unknown_plan": "Unknown plan",
-    "store_unavailable": "Storage unavailable",
-    "not_ready": "Not ready",
-    "internal_error": "Internal error",
-}
-_INTERNAL = "the server could not answer this request"
-_HTTP_CODES = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed"}
 
-Role = Literal["service", "admin"]
-
-
-# problems ---------------------------------------------------------------------------
-
-
-class _ProblemError(Exception):
-    """An error answer; raised anywhere in a request, rendered in one place."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        detail: str,
-        *,
-        headers: dict[str, str] | None = None,
-        **extra: Any,
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
-        self.headers = headers
-        self.extra = extra
-
-    def response(self) -> JSONResponse:
-        body = {
-            "type": f"urn:tenantguard:problem:{self.code}",
-            "title": _TITLES.get(self.code) or HTTPStatus(self.status).phrase,
-            "status": self.status,
-            "detail": self.detail,
-            "code": self.code,
-            **self.extra,
-        }
-        headers = dict(self.headers or {})
-        if self.status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse(body, status_code=self.status, headers=headers, media_type=_PROBLEM)
-
-
-def _invalid(field: str, message: str) -> _ProblemError:
-    return _ProblemError(
-        422, "invalid_request", f"{field}: {message}", errors=[{"field": field, "message": message}]
-    )
-
-
-def _translate(error: Exception) -> _ProblemError | None:
-    """The problem a guard exception stands for; ``None`` for one that is a bug."""
-    if isinstance(error, _ProblemError):
-        return error
-    if isinstance(error, QuotaExceeded):
-        return _ProblemError(
-            error.status, error.code, str(error),
-            tenant=error.tenant, quota=error.quota, limit=error.limit, used=error.used,
-            requested=error.requested, plan=error.plan, resets_at=error.resets_at,
-            advice=error.advice,
-        )  # fmt: skip
-    table: tuple[tuple[type[Exception], int, str], ...] = (
-        (OverrideRefused, 409, "override_refused"),
-        (RequestConflict, 409, "request_already_decided"),
-        (UnknownPlanError, 422, "unknown_plan"),
-        (UnknownQuotaError, 404, "quota_not_found"),
-        (UnknownLimitError, 404, "limit_not_found"),
-        (UnknownRequestError, 404, "request_not_found"),
-        (UnknownLeaseError, 404, "lease_not_found"),
-        (ValueError, 422, "invalid_request"),
-    )
-    for kind, status, code in table:
-        if isinstance(error, kind):
-            return _ProblemError(status, code, str(error))
-    if isinstance(error, StoreError):
-        return _ProblemError(
-            503, "store_unavailable", "the ledger could not answer; try again",
-            headers={"Retry-After": "1"},
-        )  # fmt: skip
-    return None
-
-
-def _field(loc: tuple[int | str, ...]) -> str:
-    """``("body", "tenant")`` → ``tenant``; ``("query", "limit")`` → ``limit``."""
-    parts = loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc
-    return ".".join(str(part) for part in parts) or str(loc[0] if loc else "body")
-
-
-async def _validation_problem(request: Request, error: Exception) -> Response:
-    if not isinstance(error, RequestValidationError):  # registered for this type only
-        return await _internal_problem(request, error)
-    problems = list(error.errors())
-    for problem in problems:
-        if problem.get("type") == "json_invalid":  # only if FastAPI parsed it itself
-            return _ProblemError(400, "malformed_json", "the body is not valid JSON").response()
-        if problem.get("type") == "missing" and tuple(problem.get("loc", ())) == ("body",):
-            detail = "the body is empty: send a JSON object"
-            return _ProblemError(400, "malformed_json", detail).response()
-    errors = [
-        {"field": _field(tuple(problem.get("loc", ()))), "message": str(problem.get("msg"))}
-        for problem in problems
-    ]
-    detail = "; ".join(f"{item['field']}: {item['message']}" for item in errors)
-    return _ProblemError(422, "invalid_request", detail, errors=errors).response()
-
-
-async def _http_problem(request: Request, error: Exception) -> Response:
-    if not isinstance(error, HTTPException):  # registered for this type only
-        return await _internal_problem(request, error)
-    status = error.status_code
-    code = _HTTP_CODES.get(status, "http_error")
-    detail = f"{request.method} {request.url.path}"
-    if status == 400:
-        detail = "the body could not be parsed"
-    elif status == 404:
-        detail = f"no route {detail}"
-    elif status == 405:
-        detail = f"method not allowed: {detail}"
-    headers = dict(error.headers) if error.headers else None
-    return _ProblemError(status, code, detail, headers=headers).response()
-
-
-async def _internal_problem(request: Request, error: Exception) -> Response:
-    if isinstance(error, _ProblemError):
-        return error.response()
-    _log.error("unexpected error on %s %r", request.method, request.url.path, exc_info=error)
-    return _ProblemError(500, "internal_error", _INTERNAL).response()
-
-
-# auth -------------------------------------------------------------------------------
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
-@dataclass(frozen=True, slots=True)
-class _Tokens:
-    """The tokens, kept only as SHA-256 digests and compared in constant time."""
-
-    service: bytes
-    admin: bytes
-
-    def authorise(self, request: Request, role: Role) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise _ProblemError(401, "unauthorized", "send 'Authorization: Bearer <token>'")
-        given = _digest(token)
-        # both compared every time, so timing says nothing about which one matched
-        is_admin = hmac.compare_digest(given, self.admin)
-        is_service = hmac.compare_digest(given, self.service)
-        if is_admin or (is_service and role == "service"):
-            return
-        if is_service:
-            raise _ProblemError(403, "forbidden", "this route needs the admin token")
-        raise _ProblemError(401, "unauthorized", "the bearer token is not valid for this route")
-
-
-@dataclass(frozen=True, slots=True)
-class _State:
-    guard: Guard
-    tokens: _Tokens
-
-
-def _state(request: Request) -> _State:
-    state: _State = request.app.state.tenantguard
-    return state
-
-
-def _guard(request: Request) -> Guard:
-    return _state(request).guard
-
-
-GuardDep = Annotated[Guard, Depends(_guard)]
-
-
-# paths ------------------------------------------------------------------------------
-
-
-def _escape(segment: bytes) -> str:
-    """One raw path segment as the router sees it: decoded, with only ``%`` and ``/``
-    escaped, so it never splits and ``_unescape`` gives back exactly what was sent.
-    A segment that is not UTF-8 stays fully escaped, for ``_unescape`` to refuse."""
-    data = unquote_to_bytes(segment)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return quote_from_bytes(data, safe="")
-    return text.replace("%", "%25").replace("/", "%2F")
-
-
-class _SegmentPaths:
-    """Route on the raw path (``%2F`` inside an id stays inside it)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            raw = scope.get("raw_path")
-            if isinstance(raw, bytes):
-                segments = raw.split(b"?", 1)[0].split(b"/")
-            else:
-                segments = [part.encode() for part in scope["path"].split("/")]
-            scope = {**scope, "path": "/".join(_escape(part) for part in segments)}
-        await self.app(scope, receive, send)
-
-
-def _unescape(value: str, field: str) -> str:
-    try:
-        text = unquote(value, errors="strict")
-    except UnicodeDecodeError:
-        raise _invalid(field, "must be UTF-8 when URL-decoded") from None
-    if not text:
-        raise _invalid(field, "must not be empty")
-    if len(text) > MAX_ID_LENGTH:
-        raise _invalid(field, f"must be at most {MAX_ID_LENGTH} characters")
-    try:
-        return check_text(text)
-    except ValueError as error:
-        raise _invalid(field, str(error)) from None
-
-
-_ID_DOC = f"Any characters, URL-encoded (`%2F` for `/`); at most {MAX_ID_LENGTH} once decoded."
-
-
-def _tenant(tenant: Annotated[str, Path(description=f"Tenant id. {_ID_DOC}")]) -> str:
-    return _unescape(tenant, "tenant")
-
-
-def _limit_name(name: Annotated[str, Path(description="Rate limit or quota name.")]) -> str:
-    return _unescape(name, "name")
-
-
-def _quota(quota: Annotated[str, Path(description="Quota name.")]) -> str:
-    return _unescape(quota, "quota")
-
-
-def _request_id(request_id: Annotated[str, Path(description="Increase request id.")]) -> str:
-    return _unescape(request_id, "request_id")
-
-
-def _lease(lease: Annotated[str, Path(description="Lease from a decision.")]) -> str:
-    return _unescape(lease, "lease")
-
-
-TenantId = Annotated[str, Depends(_tenant)]
-LimitName = Annotated[str, Depends(_limit_name)]
-QuotaName = Annotated[str, Depends(_quota)]
-RequestId = Annotated[str, Depends(_request_id)]
-Lease = Annotated[str, Depends(_lease)]
-_QueryText = Annotated[str, AfterValidator(check_text), Field(max_length=MAX_ID_LENGTH)]
-
-
-# bodies -----------------------------------------------------------------------------
-
-
-async def _read_body(request: Request) -> bytes:
-    """The body, refused as soon as it exceeds the bound rather than after buffering it."""
-    too_large = _ProblemError(
-        413, "body_too_large", f"request bodies are limited to {MAX_BODY_BYTES} bytes"
-    )
-    declared = request.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _no_constants(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-async def _json_request(request: Request) -> Request:
-    """Read and check the body, then hand FastAPI a request that replays it as JSON
-    (whatever ``Content-Type`` said: the API speaks nothing else)."""
-    body = await _read_body(request)
-    if body:
-        try:
-            data = json.loads(body, parse_constant=_no_constants)
-        except (ValueError, RecursionError) as error:
-            # ValueError covers JSONDecodeError, bad UTF-8 and integers too long to convert
-            detail = f"the body is not valid JSON: {error}"
-            raise _ProblemError(400, "malformed_json", detail) from None
-        if not isinstance(data, dict):
-            raise _invalid("body", "must be a JSON object")
-    headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
-    headers.append((b"content-type", b"application/json"))
-    upstream = request.receive
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return await upstream()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return Request({**request.scope, "headers": headers}, replay)
-
-
-class _Route(APIRoute):
-    """Auth for the route's ``role``, then the bounded body, then FastAPI; guard errors
-    become problems here, so nothing a client sends can escape as a 500."""
-
-    role: ClassVar[Role | None] = None
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-        role = self.role
-        reads_body = self.body_field is not None
-        where = self.path
-
-        async def guarded(request: Request) -> Response:
-            try:
-                if role is not None:
-                    _state(request).tokens.authorise(request, role)
-                if reads_body:
-                    request = await _json_request(request)
-                return await handler(request)
-            except (HTTPException, RequestValidationError):
-                raise  # the app's handlers render these
-            except Exception as error:
-                problem = _translate(error)
-                if problem is None:
-                    _log.error("unexpected error on %s %s", request.method, where, exc_info=error)
-                    problem = _ProblemError(500, "internal_error", _INTERNAL)
-                return problem.response()
-
-        return guarded
-
-
-class _ServiceRoute(_Route):
-    role = "service"
-
-
-class _AdminRoute(_Route):
-    role = "admin"
-
-
-_open = APIRouter(route_class=_Route, tags=["operations"])
-_service = APIRouter(route_class=_ServiceRoute, tags=["decisions"])
-_admin = APIRouter(route_class=_AdminRoute, tags=["admin"])
+_open = APIRouter(route_class=Route, tags=["operations"])
+_service = APIRouter(route_class=ServiceRoute, tags=["decisions"])
+_admin = APIRouter(route_class=AdminRoute, tags=["admin"])
 
 
 def _problems(*codes: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
@@ -550,7 +189,7 @@ async def release_lease(lease: Lease, guard: GuardDep) -> Response:
     try:
         await guard.release(lease)
     except RecursionError:  # a forged token nested past what JSON can parse
-        raise _ProblemError(404, "lease_not_found", "not a lease issued by tenantguard") from None
+        raise ProblemError(404, "lease_not_found", "not a lease issued by tenantguard") from None
     return Response(status_code=204)
 
 
@@ -560,7 +199,7 @@ async def release_lease(lease: Lease, guard: GuardDep) -> Response:
 @_admin.get("/v1/tenants", summary="List tenants, by id")
 async def list_tenants(
     guard: GuardDep,
-    prefix: Annotated[_QueryText, Query(description="Only ids starting with this.")] = "",
+    prefix: Annotated[QueryText, Query(description="Only ids starting with this.")] = "",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> TenantList:
     records = await guard.tenants.list(prefix=prefix, limit=limit)
@@ -585,7 +224,7 @@ async def put_tenant(tenant: TenantId, body: TenantBody, guard: GuardDep) -> Ten
 async def get_tenant(tenant: TenantId, guard: GuardDep) -> TenantDetail:
     record = await guard.tenants.get(tenant)
     if record is None:
-        raise _ProblemError(404, "tenant_not_found", f"no tenant {tenant!r}")
+        raise ProblemError(404, "tenant_not_found", f"no tenant {tenant!r}")
     overrides = await guard.overrides.list(tenant)
     return TenantDetail(
         **_tenant_out(record).model_dump(), overrides=[_override_out(o) for o in overrides]
@@ -601,7 +240,7 @@ async def get_tenant(tenant: TenantId, guard: GuardDep) -> TenantDetail:
 )
 async def delete_tenant(tenant: TenantId, guard: GuardDep) -> Response:
     if not await guard.tenants.delete(tenant):
-        raise _ProblemError(404, "tenant_not_found", f"no tenant {tenant!r}")
+        raise ProblemError(404, "tenant_not_found", f"no tenant {tenant!r}")
     return Response(status_code=204)
 
 
@@ -640,9 +279,7 @@ async def put_override(
 )
 async def delete_override(tenant: TenantId, name: LimitName, guard: GuardDep) -> Response:
     if not await guard.overrides.remove(tenant, name):
-        raise _ProblemError(
-            404, "override_not_found", f"tenant {tenant!r} has no override {name!r}"
-        )
+        raise ProblemError(404, "override_not_found", f"tenant {tenant!r} has no override {name!r}")
     return Response(status_code=204)
 
 
@@ -695,7 +332,7 @@ async def get_usage(
     tenant: TenantId,
     quota: QuotaName,
     guard: GuardDep,
-    scope: Annotated[_QueryText | None, Query(description="For a quota counted per scope.")] = None,
+    scope: Annotated[QueryText | None, Query(description="For a quota counted per scope.")] = None,
 ) -> UsageOut:
     return _usage_out(await guard.quotas.get(tenant, quota, scope=scope))
 
@@ -733,7 +370,7 @@ async def file_request(tenant: TenantId, body: IncreaseBody, guard: GuardDep) ->
 async def list_requests(
     guard: GuardDep,
     status: Annotated[Literal["pending", "approved", "rejected"] | None, Query()] = None,
-    tenant: Annotated[_QueryText | None, Query()] = None,
+    tenant: Annotated[QueryText | None, Query()] = None,
 ) -> IncreaseList:
     requests = await guard.increase_requests.list(status=status, tenant=tenant)
     return IncreaseList(requests=[_request_out(request) for request in requests])
@@ -849,65 +486,8 @@ async def readyz(guard: GuardDep) -> Readiness:
     down = [name for name, state in checks.items() if state != "ok"]
     if down:
         detail = "; ".join(f"{name} {checks[name]}" for name in down)
-        raise _ProblemError(503, "not_ready", detail, policy=policy, checks=checks)
+        raise ProblemError(503, "not_ready", detail, policy=policy, checks=checks)
     return Readiness(status="ready", policy=policy, reload_error=guard.reload_error)
-
-
-# the app ----------------------------------------------------------------------------
-
-
-class _App(FastAPI):
-    """FastAPI, with an OpenAPI document that says what the routes really answer:
-    errors as problem+json, and which bearer token each route takes."""
-
-    def openapi(self) -> dict[str, Any]:
-        if self.openapi_schema is None:
-            schema = get_openapi(
-                title=self.title, version=self.version, description=self.description,
-                routes=self.routes,
-            )  # fmt: skip
-            _document(schema, self.routes)
-            self.openapi_schema = schema
-        return self.openapi_schema
-
-
-_ROLE_DOC = {
-    "service": "Bearer token: the service token (the admin token is accepted too).",
-    "admin": "Bearer token: the admin token.",
-}
-
-
-def _document(schema: dict[str, Any], routes: list[Any]) -> None:
-    components = schema.setdefault("components", {})
-    schemas = components.setdefault("schemas", {})
-    problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
-    schemas.update(problem.pop("$defs", {}))
-    schemas["Problem"] = problem
-    for unused in ("HTTPValidationError", "ValidationError"):
-        schemas.pop(unused, None)
-    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-    ref = {"$ref": "#/components/schemas/Problem"}
-    for route in routes:
-        if not isinstance(route, APIRoute) or not route.include_in_schema:
-            continue
-        role = getattr(route, "role", None)
-        for method in route.methods or ():
-            operation = schema["paths"][route.path_format][method.lower()]
-            responses: dict[str, Any] = operation["responses"]
-            if route.body_field is not None:
-                responses.setdefault("400", {"description": "`malformed_json`."})
-                responses.setdefault("413", {"description": "`body_too_large`: over 64 KiB."})
-            if "422" in responses or route.body_field is not None or route.dependant.path_params:
-                responses["422"] = {"description": "`invalid_request`: names each field."}
-            if role is not None:
-                operation["security"] = [{"bearer": []}]
-                operation["description"] = _ROLE_DOC[role]
-                responses.setdefault("401", {"description": "`unauthorized`."})
-            if role == "admin":
-                responses.setdefault("403", {"description": "`forbidden`: not the admin token."})
-            for status, response in responses.items():
-                if status[0] in "45":
-                    response["content"] = {_PROBLEM: {"schema": ref}}
 
 
 def create_app(guard: Guard, *, service_token: str, admin_token: str) -> FastAPI:
@@ -921,7 +501,7 @@ def create_app(guard: Guard, *, service_token: str, admin_token: str) -> FastAPI
         yield
         await guard.close()
 
-    app = _App(
+    app = DocumentedApp(
         title="tenantguard",
         version=__version__,
         description="Decisions and administration for the limits a multi-tenant API "
@@ -931,12 +511,12 @@ def create_app(guard: Guard, *, service_token: str, admin_token: str) -> FastAPI
         redirect_slashes=False,
         redoc_url=None,
     )
-    app.state.tenantguard = _State(guard, _Tokens(_digest(service_token), _digest(admin_token)))
+    app.state.tenantguard = ServiceState(guard, Tokens(digest(service_token), digest(admin_token)))
     # the routes themselves, not include_router: some FastAPI versions wrap included routers
     app.router.routes.extend([*_service.routes, *_admin.routes, *_open.routes])
-    app.add_exception_handler(RequestValidationError, _validation_problem)
-    app.add_exception_handler(HTTPException, _http_problem)
-    app.add_exception_handler(_ProblemError, _internal_problem)
-    app.add_exception_handler(Exception, _internal_problem)
-    app.add_middleware(_SegmentPaths)
+    app.add_exception_handler(RequestValidationError, validation_problem)
+    app.add_exception_handler(HTTPException, http_problem)
+    app.add_exception_handler(ProblemError, internal_problem)
+    app.add_exception_handler(Exception, internal_problem)
+    app.add_middleware(SegmentPaths)
     return app
