@@ -82,6 +82,9 @@ def invoke(runner: CliRunner, *args: str | Path) -> Result:
     return runner.invoke(app, [str(arg) for arg in args])
 
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
 def row(output: str, rule: str) -> list[str]:
     """The cells of the table row that starts with ``rule``."""
     for line in output.splitlines():
@@ -122,6 +125,21 @@ def test_check_keeps_each_group_in_its_own_table(runner: CliRunner, policy_file:
     tenant_table = out[out.index("group tenant") :]
     assert "tenant-bucket" in tenant_table
     assert "apps-item" not in tenant_table
+
+
+def test_check_shows_quotas_and_entitlements_per_plan(runner: CliRunner) -> None:
+    result = invoke(runner, "check", EXAMPLES / "logto.yaml")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    quotas = out[out.index("quotas") :]
+    assert row(quotas, "access-tokens") == [
+        "access-tokens", "usage per month", "tenant", "", "50000", "10000000", "10000000",
+    ]  # fmt: skip
+    assert row(quotas, "saml-applications")[1:5] == [
+        "entity cap", "tenant", "applications", "unavailable",
+    ]  # fmt: skip
+    entitlements = out[out.index("entitlements") :]
+    assert row(entitlements, "audit-log-retention") == ["audit-log-retention", "14d", "14d", "14d"]
 
 
 BAD_WINDOW = """\
@@ -256,7 +274,13 @@ def test_explain_method_restricted_rule_wins_only_for_its_methods(
     ) in get
     post = invoke(runner, "explain", policy_file, "POST", "/api/v1/users/42").stdout
     assert "group endpoint: users-item" in post
-    assert "users-get" not in post
+    assert "not users-get (/api/v1/users/{id}): only for GET, not POST" in post
+
+
+def test_explain_refuses_what_is_not_a_method(runner: CliRunner, policy_file: Path) -> None:
+    result = invoke(runner, "explain", policy_file, "FOO BAR", "/api")
+    assert result.exit_code == 2
+    assert "method 'FOO BAR': expected an HTTP method" in result.stderr
 
 
 def test_explain_says_which_except_excluded_a_rule(runner: CliRunner, policy_file: Path) -> None:
@@ -403,6 +427,30 @@ def test_serve_refuses_an_unknown_counter_store(
     result = runner.invoke(app, ["serve", "--policy", str(policy_file)], env=env)
     assert result.exit_code == 2
     assert "memcached" in result.stderr
+    assert fake_run.app is None
+
+
+def test_serve_names_a_bad_counter_option_and_hides_the_password(
+    runner: CliRunner, policy_file: Path, fake_run: FakeRun
+) -> None:
+    env = {"TENANTGUARD_COUNTERS": "redis://:hunter2@127.0.0.1:1/0?timeout=soon"}
+    result = runner.invoke(app, ["serve", "--policy", str(policy_file)], env=env)
+    assert result.exit_code == 2
+    assert "timeout='soon': expected seconds" in result.stderr
+    assert "--ledger" not in result.stderr  # only the option that is wrong
+    assert "hunter2" not in result.stderr
+    assert fake_run.app is None
+
+
+def test_serve_says_which_ledger_it_cannot_open_without_a_traceback(
+    runner: CliRunner, policy_file: Path, tmp_path: Path, fake_run: FakeRun
+) -> None:
+    url = f"sqlite:///{tmp_path}/missing/dir/ledger.db"
+    result = runner.invoke(app, ["serve", "--policy", str(policy_file), "--ledger", url])
+    assert result.exit_code == 1
+    assert f"--ledger {url}: cannot open the ledger" in result.stderr
+    assert "unable to open database file" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
     assert fake_run.app is None
 
 

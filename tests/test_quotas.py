@@ -102,7 +102,7 @@ async def test_entity_cap_is_exact_and_refusal_says_what_to_do(guard: Guard) -> 
 async def test_soft_plan_refusal_points_to_an_increase(guard: Guard) -> None:
     await guard.tenants.upsert("acme", plan="pro")
     await guard.quotas.set_usage("acme", "applications", 10)
-    with pytest.raises(QuotaExceeded, match="request an increase"):
+    with pytest.raises(QuotaExceeded, match=r"used, 1 more requested\. Request an increase"):
         await guard.quotas.acquire("acme", "applications")
 
 

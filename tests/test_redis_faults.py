@@ -387,6 +387,11 @@ async def test_a_read_only_replica_counts_as_an_outage(server: RedisServer, url:
         rig = Rig(replica_url, "allow")
         try:
             decisions = [await rig.guard.check("acme", "GET", "/api/x") for _ in range(5)]
+            # and the connection that reached it was dropped, so that the next one asks
+            # Sentinel (or DNS) where the master is now
+            pool = rig.store._client.connection_pool
+            assert pool._available_connections, "a connection was used"
+            assert not any(c.is_connected for c in pool._available_connections)
         finally:
             await rig.guard.close()
     assert all(decision.degraded and decision.allowed for decision in decisions)

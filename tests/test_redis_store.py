@@ -712,6 +712,8 @@ async def test_rediss_urls_pick_tls_without_connecting() -> None:
         ("redis+sentinel://h:1", r"needs the service name"),
         ("redis+sentinel://h:1/", r"needs the service name"),
         ("redis://127.0.0.1:1/0?clock=sundial", r"clock='sundial': expected server or local"),
+        ("redis://127.0.0.1:1/0?timeout=abc", r"timeout='abc': expected seconds"),
+        ("redis://127.0.0.1:1/0?timeout=0", r"timeout='0': expected a positive number"),
     ],
 )
 def test_bad_urls_say_what_is_wrong(url: str, message: str) -> None:
@@ -755,4 +757,64 @@ async def test_cluster_follows_a_moved_slot(
         for node in redis_cluster.nodes:
             with node.client() as client:
                 client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", owner[0])
+        await store.close()
+
+
+async def test_a_migrating_slot_still_answers_every_decision_of_the_turn(
+    redis_cluster: RedisCluster, redis_cluster_url: str
+) -> None:
+    """A slot half-way through a migration: one of a tenant's keys moved, one did not. A
+    turn's script call for that tenant answers TRYAGAIN; its calls are retried one by
+    one, and the other tenants in the same turn are answered as usual."""
+    store = open_counters(
+        redis_cluster_url.replace("redis://", "redis+cluster://") + "?clock=local&timeout=5"
+    )
+    assert isinstance(store, RedisCounters)
+    spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 10, 10, True)
+    for key in ("a", "b"):
+        assert (await store.apply([spec], [key], 1, None, T, "acme"))[0][2] == 9
+    moved = counter_key("acme", spec.table, "b", scoped=True)
+    with redis_cluster.nodes[0].client() as seed:
+        slot = int(seed.execute_command("CLUSTER", "KEYSLOT", moved))
+        nodes = [line.split() for line in seed.execute_command("CLUSTER", "NODES").splitlines()]
+    ids = {int(node[1].split(":")[1].split("@")[0]): node[0] for node in nodes}
+    owner = next(n for n in redis_cluster.nodes if n.client().cluster("countkeysinslot", slot))
+    other = next(n for n in redis_cluster.nodes if n.port != owner.port)
+    with other.client() as client:
+        client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[owner.port])
+    with owner.client() as client:
+        client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[other.port])
+        client.execute_command("MIGRATE", "127.0.0.1", other.port, "", 0, 5000, "KEYS", moved)
+    try:
+        outcomes = await asyncio.gather(
+            store.apply([spec], ["a"], 1, None, T, "acme"),
+            store.apply([spec], ["b"], 1, None, T, "acme"),
+            *(store.apply([spec], [f"t{i}"], 1, None, T, f"t{i}") for i in range(6)),
+        )
+        assert [outcome[0][:3] for outcome in outcomes] == (
+            [(True, None, 8)] * 2 + [(True, None, 9)] * 6
+        )
+        assert store.breaker.state == "closed"
+    finally:
+        await store.close()
+        for node in redis_cluster.nodes:  # end the migration where it stands: b's node
+            with node.client() as client:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[other.port])
+        redis_cluster.flushall()
+
+
+async def test_a_refund_that_cannot_read_a_key_gives_nothing_back(single: Target) -> None:
+    store = single.store()
+    spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 10, 10, True)
+    try:
+        assert (await store.apply([spec], ["a"], 3, None, T, "acme"))[0][2] == 7
+        kept = counter_key("acme", spec.table, "a", scoped=True)
+        broken = counter_key("acme", spec.table, "b", scoped=True)
+        with single.clients() as (client,):
+            client.lpush(broken, "not a counter")
+        words = store._argv("refund", repr(T), 3, None, [spec, spec])
+        with pytest.raises(StoreError, match="WRONGTYPE"):
+            await store._call([kept, broken], words)
+        assert (await store.apply([spec], ["a"], 1, None, T, "acme"))[0][2] == 6  # 3 + 1 used
+    finally:
         await store.close()

@@ -387,6 +387,7 @@ async def test_missing_tenant_is_422_naming_the_field(client: httpx.AsyncClient)
         ({"tenant": "\ud800"}, "tenant"),
         ({"method": "GET /"}, "method"),
         ({"path": None}, "path"),
+        ({"path": "api/v1/apps"}, "path"),
         ({"cost": "1"}, "cost"),
         ({"cost": True}, "cost"),
         ({"cost": 1.5}, "cost"),
@@ -403,6 +404,21 @@ async def test_wrong_fields_are_422_naming_the_field(
     response = await client.post("/v1/check", content=content, headers=SERVICE)
     problem = assert_problem(response, 422, "invalid_request")
     assert {error["field"] for error in problem["errors"]} == {field}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tenant": ""}, "String should have at least 1 character"),
+        ({"path": "api/v1/apps"}, "Value error, must start with /, such as /api/v1/users"),
+    ],
+)
+async def test_field_messages_speak_of_strings(
+    client: httpx.AsyncClient, change: dict[str, object], message: str
+) -> None:
+    response = await client.post("/v1/check", json={**CHECK, **change}, headers=SERVICE)
+    problem = assert_problem(response, 422, "invalid_request")
+    assert [error["message"] for error in problem["errors"]] == [message]
 
 
 @pytest.mark.parametrize("content", [b'[{"tenant": "acme"}]', b'"acme"', b"null", b"3"])

@@ -85,10 +85,18 @@ def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-Text = Annotated[str, AfterValidator(check_text)]
-Id = Annotated[Text, Field(min_length=1, max_length=MAX_ID_LENGTH)]
-Name = Annotated[Text, Field(min_length=1, max_length=256)]
-Reason = Annotated[Text, Field(max_length=4096)]
+def _check_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("must start with /, such as /api/v1/users")
+    return check_text(value)
+
+
+# lengths are checked on the plain string, before check_text: pydantic words a length
+# error on an annotated type as if it were a list ("at least 1 item")
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH), AfterValidator(check_text)]
+Name = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(check_text)]
+Reason = Annotated[str, Field(max_length=4096), AfterValidator(check_text)]
+RequestPath = Annotated[str, Field(min_length=1, max_length=8192), AfterValidator(_check_path)]
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 Amount = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 Instant = Annotated[float, Field(ge=0, le=MAX_INSTANT, allow_inf_nan=False)]
@@ -148,10 +156,12 @@ class CheckBody(_Body):
 
     tenant: Id
     method: Annotated[str, Field(pattern=r"^[A-Za-z]+$", max_length=32)]
-    path: Annotated[Text, Field(min_length=1, max_length=8192)]
-    client: Annotated[Text, Field(max_length=MAX_ID_LENGTH)] | None = None
-    ip: Annotated[Text, Field(max_length=64)] | None = None
-    user: Annotated[Text, Field(max_length=MAX_ID_LENGTH)] | None = None
+    path: RequestPath
+    client: Annotated[str, Field(max_length=MAX_ID_LENGTH), AfterValidator(check_text)] | None = (
+        None
+    )
+    ip: Annotated[str, Field(max_length=64), AfterValidator(check_text)] | None = None
+    user: Annotated[str, Field(max_length=MAX_ID_LENGTH), AfterValidator(check_text)] | None = None
     headers: Annotated[dict[Name, Reason], Field(max_length=64)] | None = None
     cost: Amount = 1
 
@@ -276,7 +286,7 @@ class OverrideBody(_Body):
 class QuotaChangeBody(_Body):
     amount: Amount = 1
     scope: Id | None = None
-    idempotency_key: Annotated[Text, Field(min_length=1, max_length=256)] | None = None
+    idempotency_key: Name | None = None
 
 
 class UsageBody(_Body):
@@ -305,10 +315,11 @@ class IncreaseBody(_Body):
     avg_rps: Rate | None = None
     peak_rps: Rate | None = None
     burst_pattern: Reason | None = None
-    endpoints: Annotated[list[Annotated[Text, Field(max_length=8192)]], Field(max_length=100)] = (
-        Field(default_factory=list)
-    )
-    needed_by: Annotated[Text, Field(max_length=64)] | None = None
+    endpoints: Annotated[
+        list[Annotated[str, Field(max_length=8192), AfterValidator(check_text)]],
+        Field(max_length=100),
+    ] = Field(default_factory=list)
+    needed_by: Annotated[str, Field(max_length=64), AfterValidator(check_text)] | None = None
 
 
 class IncreaseOut(_Out):

@@ -176,7 +176,7 @@ LimitName = Annotated[str, Depends(_limit_name)]
 QuotaName = Annotated[str, Depends(_quota)]
 RequestId = Annotated[str, Depends(_request_id)]
 Lease = Annotated[str, Depends(_lease)]
-QueryText = Annotated[str, AfterValidator(check_text), Field(max_length=MAX_ID_LENGTH)]
+QueryText = Annotated[str, Field(max_length=MAX_ID_LENGTH), AfterValidator(check_text)]
 
 
 # bodies -----------------------------------------------------------------------------

@@ -64,7 +64,8 @@ DEGRADED_DECISIONS = Counter(
 )
 POLICY_RELOADS = Counter(
     "tenantguard_policy_reload_total",
-    "Policy file reloads attempted after the file changed, by result (ok, error).",
+    "Policy file loads by the reloader, by result (ok, error): the first at start-up, "
+    "then one each time the file changes.",
     ["result"],
 )
 

@@ -12,6 +12,7 @@ import secrets
 import signal
 from pathlib import Path
 from typing import Annotated, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
 from rich.console import Console, RenderableType
@@ -123,6 +124,32 @@ def _rules_table(policy: Policy, group: str) -> Table:
     return table
 
 
+def _quotas_table(policy: Policy) -> Table:
+    table = Table(title="quotas", title_justify="left", show_lines=True)
+    for header in ("quota", "kind", "per", "counts toward"):
+        table.add_column(header, overflow="fold")
+    for plan in policy.plans:
+        table.add_column(plan.name, justify="right", overflow="fold")
+    for quota in policy.quotas.values():
+        kind = f"usage per {quota.period}" if quota.period else "entity cap"
+        cells = [quota.name, kind, quota.per or "tenant", ", ".join(quota.counts_toward)]
+        cells += [str(value) for value in quota.values]
+        table.add_row(*(Text(cell) for cell in cells))
+    return table
+
+
+def _entitlements_table(policy: Policy) -> Table:
+    table = Table(title="entitlements", title_justify="left", show_lines=True)
+    table.add_column("entitlement", overflow="fold")
+    for plan in policy.plans:
+        table.add_column(plan.name, justify="right", overflow="fold")
+    for name, values in policy.document.entitlements.items():
+        default = values.get("default", "-")
+        cells = [name] + [str(values.get(plan.name, default)) for plan in policy.plans]
+        table.add_row(*(Text(cell) for cell in cells))
+    return table
+
+
 FileArgument = Annotated[
     Path, typer.Argument(help="Policy file (YAML).", show_default=False, dir_okay=False)
 ]
@@ -130,11 +157,15 @@ FileArgument = Annotated[
 
 @app.command()
 def check(file: FileArgument) -> None:
-    """Validate a policy and show its rules per group and plan."""
+    """Validate a policy and show its rules per group, its quotas and entitlements, per plan."""
     policy = _load(file)
     console = _out()
     for group in policy.routes.groups:
         _show(console, _rules_table(policy, group))
+    if policy.quotas:
+        _show(console, _quotas_table(policy))
+    if policy.document.entitlements:
+        _show(console, _entitlements_table(policy))
     groups = len(policy.routes.groups)
     summary = (
         f"{file}: OK, {_plural(len(policy.rules), 'rule')} in {_plural(groups, 'group')}, "
@@ -167,6 +198,8 @@ def explain(
         known = ", ".join(p.name for p in policy.plans)
         _fail(f"unknown plan {plan!r}; expected one of: {known}", 2)
     slots = [policy.plan_index[plan]] if plan is not None else range(len(policy.plans))
+    if not method.isascii() or not method.isalpha():
+        _fail(f"method {method!r}: expected an HTTP method such as GET (letters only)", 2)
     method = method.upper()
     segments = normalise_path(path)
     normalised = "/" + "/".join(segments)
@@ -201,6 +234,16 @@ def explain(
                 continue
             reason = _loss(winner, loser, segments)
             console.print(Text(f"  not {loser.rule.name} ({loser.template.text}): {reason}"))
+        for rule in policy.rules:
+            # a rule whose path matches but whose methods do not is no candidate: say so
+            if rule.group != group or not rule.methods or method in rule.methods:
+                continue
+            template = next((t for t in rule.templates if t.matches(segments)), None)
+            if template is not None:
+                methods = ", ".join(sorted(rule.methods))
+                console.print(
+                    Text(f"  not {rule.name} ({template.text}): only for {methods}, not {method}")
+                )
 
 
 @app.command()
@@ -226,9 +269,12 @@ def serve(
     """Run the HTTP decision service."""
     import uvicorn  # noqa: PLC0415 - only serve needs it; check and explain start faster
 
+    from tenantguard.errors import StoreError  # noqa: PLC0415
     from tenantguard.guard import Guard  # noqa: PLC0415
+    from tenantguard.ledger import open_ledger  # noqa: PLC0415
     from tenantguard.reload import PolicyReloader  # noqa: PLC0415
     from tenantguard.server import create_app  # noqa: PLC0415
+    from tenantguard.stores import open_counters  # noqa: PLC0415
 
     if policy is None:
         policy = DEFAULT_POLICY
@@ -240,9 +286,16 @@ def serve(
             )
     loaded = _load(policy)
     try:
-        guard = Guard(loaded, counters=counters, ledger=ledger)
+        store = open_counters(counters)
     except ValueError as error:
-        _fail(f"--counters {counters} / --ledger {ledger}: {error}", 2)
+        _fail(f"--counters {_redact(counters)}: {error}", 2)
+    try:
+        book = open_ledger(ledger)
+    except ValueError as error:
+        _fail(f"--ledger {_redact(ledger)}: {error}", 2)
+    except StoreError as error:
+        _fail(f"--ledger {_redact(ledger)}: cannot open the ledger: {error}", 1)
+    guard = Guard(loaded, counters=store, ledger=book)
     console = _out()
     admin_token = os.environ.get("TENANTGUARD_ADMIN_TOKEN") or ""
     service_token = os.environ.get("TENANTGUARD_SERVICE_TOKEN") or admin_token
@@ -252,7 +305,7 @@ def serve(
     elif not admin_token:
         admin_token = secrets.token_urlsafe(24)
         console.print(Text(f"TENANTGUARD_ADMIN_TOKEN not set; generated: {admin_token}"))
-    console.print(Text(f"policy {policy}; counters {counters}; ledger {ledger}"))
+    console.print(Text(f"policy {policy}; counters {_redact(counters)}; ledger {_redact(ledger)}"))
     console.print(Text(f"listening on http://{host}:{port}"))
     server = create_app(guard, service_token=service_token, admin_token=admin_token)
     # the policy file is polled for changes while the server runs (from lifespan startup)
@@ -265,6 +318,16 @@ def serve(
     finally:
         for stop, handler in before.items():
             signal.signal(stop, handler)
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password: it is printed, and may end up in logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

@@ -101,7 +101,7 @@ class QuotaExceeded(TenantguardError):
             when = datetime.fromtimestamp(resets_at, UTC).isoformat().replace("+00:00", "Z")
             advice += f"; usage resets at {when}"
         self.advice = advice
-        super().__init__(f"{why}. {advice}")
+        super().__init__(f"{why}. {advice[0].upper()}{advice[1:]}")
 
 
 def _amount(amount: object) -> int:

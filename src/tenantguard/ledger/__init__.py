@@ -48,6 +48,7 @@ def open_ledger(url: str) -> Ledger:
     if separator and scheme.split("+")[0] in ("sqlite", "postgresql", "postgres"):
         return SqlLedger(url)
     raise ValueError(
-        f"ledger URL {url!r} is not supported; expected one of: memory, "
+        # the scheme, not the URL: a URL can hold a password
+        f"ledger URL scheme {scheme or url!r} is not supported; expected one of: memory, "
         "sqlite:///PATH (sqlite:// keeps it in memory, for tests), postgresql://USER@HOST/DB"
     )

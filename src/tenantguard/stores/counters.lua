@@ -220,44 +220,66 @@ local function release(now, key, lease)
   end
 end
 
--- take back `cost` counted at `now` (refunds commute: other writers may have come between)
-local function refund(code, key, now, limit, window, cost, lease)
-  local state = redis.call('GET', key)
-  if not state then return end
+-- what taking back `cost` counted at `now` leaves of `state`: a new state, false to
+-- delete the key, nil to leave it (refunds commute: other writers may have come between)
+local function refunded(code, state, now, limit, window, cost, lease)
+  if not state then return nil end
   local f = split(state)
-  local new
   if code == 'f' then
-    if f[1] ~= now - math.fmod(now, window) then return end
-    new = pack(f[1], math.max(f[2] - cost, 0))
+    if f[1] ~= now - math.fmod(now, window) then return nil end
+    return pack(f[1], math.max(f[2] - cost, 0))
   elseif code == 's' then
     local start = now - math.fmod(now, window)
     local at = f[1]
     if at == start then
-      new = pack(f[1], f[2], math.max(f[3] - cost, 0))
+      return pack(f[1], f[2], math.max(f[3] - cost, 0))
     elseif at == start + window then
-      new = pack(f[1], math.max(f[2] - cost, 0), f[3])
-    else
-      return
+      return pack(f[1], math.max(f[2] - cost, 0), f[3])
     end
+    return nil
   elseif code == 't' or code == 'g' then
-    new = pack(math.max(f[1] - cost * window / limit, 0), f[2])
-  else
-    local ids, exps, costs = live_leases(state, now)
-    local keep_ids, keep_exps, keep_costs = {}, {}, {}
-    for i = 1, #ids do
-      if ids[i] ~= lease then
-        keep_ids[#keep_ids + 1] = ids[i]
-        keep_exps[#keep_exps + 1] = exps[i]
-        keep_costs[#keep_costs + 1] = costs[i]
-      end
-    end
-    if #keep_ids == 0 then
-      redis.call('DEL', key)
-      return
-    end
-    new = encode_leases(keep_ids, keep_exps, keep_costs)
+    return pack(math.max(f[1] - cost * window / limit, 0), f[2])
   end
-  redis.call('SET', key, new, 'KEEPTTL')
+  local ids, exps, costs = live_leases(state, now)
+  local keep_ids, keep_exps, keep_costs = {}, {}, {}
+  for i = 1, #ids do
+    if ids[i] ~= lease then
+      keep_ids[#keep_ids + 1] = ids[i]
+      keep_exps[#keep_exps + 1] = exps[i]
+      keep_costs[#keep_costs + 1] = costs[i]
+    end
+  end
+  if #keep_ids == 0 then return false end
+  return encode_leases(keep_ids, keep_exps, keep_costs)
+end
+
+-- a refund record: every key read and worked out first, then written, so a key that
+-- cannot be read (of another type, say) leaves all of them as they were
+local function refund(now, cost, lease, k, n, a)
+  local pending, order = {}, {}
+  for i = 1, n do
+    local base = a + (i - 1) * 5
+    local key = KEYS[k + i]
+    local state = pending[key]
+    if state == nil then
+      state = redis.call('GET', key)
+    end
+    if state == false then state = nil end
+    local new = refunded(ARGV[base + 1], state, now, tonumber(ARGV[base + 2]),
+      tonumber(ARGV[base + 3]), cost, lease)
+    if new ~= nil then
+      if pending[key] == nil then order[#order + 1] = key end
+      pending[key] = new
+    end
+  end
+  for _, key in ipairs(order) do
+    local new = pending[key]
+    if new then
+      redis.call('SET', key, new, 'KEEPTTL')
+    else
+      redis.call('DEL', key)
+    end
+  end
 end
 
 -- one decision: KEYS[k + 1 .. k + n], spec words from ARGV[a + 1]
@@ -309,11 +331,7 @@ local function record(op, now, cost, lease, k, n, a)
   elseif op == 'release' then
     for i = 1, n do release(now, KEYS[k + i], lease) end
   elseif op == 'refund' then
-    for i = 1, n do
-      local base = a + (i - 1) * 5
-      refund(ARGV[base + 1], KEYS[k + i], now, tonumber(ARGV[base + 2]),
-        tonumber(ARGV[base + 3]), cost, lease)
-    end
+    refund(now, cost, lease, k, n, a)
   else
     error('unknown operation ' .. tostring(op))
   end

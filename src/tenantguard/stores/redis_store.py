@@ -144,7 +144,13 @@ class RedisCounters:
     def from_url(cls, url: str, **options: Any) -> RedisCounters:
         parts = urlsplit(url)
         query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        timeout = float(query.pop("timeout", options.pop("timeout", 0.25)))
+        raw_timeout = query.pop("timeout", options.pop("timeout", 0.25))
+        try:
+            timeout = float(raw_timeout)
+        except (TypeError, ValueError):
+            raise ValueError(f"timeout={raw_timeout!r}: expected seconds, such as 0.25") from None
+        if not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout={raw_timeout!r}: expected a positive number of seconds")
         clock = query.pop("clock", "server")
         if clock not in ("server", "local"):
             raise ValueError(f"clock={clock!r}: expected server or local")
@@ -323,13 +329,16 @@ class RedisCounters:
         unready = [r for r in replies if isinstance(r, ResponseError) and _unready(r)]
         if unready:
             # the server answers but cannot serve (loading, a replica after failover,
-            # cluster down): that is an outage for the breaker, not a success
-            self._fail(batch, unready[0])
-            return
-        self.breaker.success()
+            # cluster down): an outage for the breaker, not a success. The calls it did
+            # answer still get their answers: what they counted stays counted.
+            self.breaker.failure()
+            STORE_ERRORS.labels(store="redis", kind=type(unready[0]).__name__).inc()
+        else:
+            self.breaker.success()
         for call, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):
-                _settle(call, reply, f"counter script failed: {reply}")
+                what = "counter store failed" if reply in unready else "counter script failed"
+                _settle(call, reply, f"{what}: {reply}")
             elif not call.future.done():
                 call.future.set_result(reply)
 
@@ -397,10 +406,15 @@ class RedisCounters:
                 replies[i] = answer
 
         await asyncio.gather(*(run(name, groups) for name, groups in nodes.items()))
-        moved = [i for i, reply in enumerate(replies) if isinstance(reply, MovedError | AskError)]
+        moved = [
+            i
+            for i, reply in enumerate(replies)
+            if isinstance(reply, MovedError | AskError | TryAgainError)
+        ]
         if moved:
-            # slots moved (resharding, failover): learn the new map, let the cluster
-            # client follow redirects for these few, one call each
+            # slots moved (resharding, failover), or a slot is migrating and a group's keys
+            # sit on both sides (TRYAGAIN): learn the new map, and let the cluster client
+            # follow redirects and retry for these few, one call each
             await self._client.nodes_manager.initialize()
             for i in moved:
                 call = batch[i]
@@ -439,6 +453,10 @@ class RedisCounters:
                     answers.append(await connection.read_response())
                 except ResponseError as error:
                     answers.append(error)
+            if _demoted(answers):
+                # writes refused by a replica: this connection reached a demoted master.
+                # Drop it, so the next one asks Sentinel (or DNS) where the master is now
+                await connection.disconnect(nowait=True)
         except BaseException:
             # a write or read cut short (timeout, cancel, I/O): the stream is out of step
             await connection.disconnect(nowait=True)
@@ -476,13 +494,24 @@ def _settle(call: _Call, cause: BaseException, message: str) -> None:
 
 
 _UNREADY = (BusyLoadingError, ReadOnlyError, ClusterDownError, MasterDownError, TryAgainError)
-_UNREADY_PREFIXES = ("BUSY", "MASTERDOWN", "READONLY", "LOADING", "CLUSTERDOWN", "TRYAGAIN")
+# at the start (Redis 7) or after "-" inside a script error's text (Redis 6)
+_UNREADY_TEXT = re.compile(r"(?:^|-)(?:BUSY|MASTERDOWN|READONLY|LOADING|CLUSTERDOWN|TRYAGAIN)\b")
+
+
+def _demoted(answers: list[Any]) -> bool:
+    """Did a record fail because the server is a replica (``READONLY``)?"""
+    for answer in answers:
+        if isinstance(answer, list):
+            for item in answer:
+                if item.__class__ is str and item.startswith("error: ") and "READONLY" in item:
+                    return True
+    return False
 
 
 def _unready(error: ResponseError) -> bool:
     # redis-py turns these replies into their own classes and strips the prefix; an
     # error reported by the script for one record keeps it
-    return isinstance(error, _UNREADY) or str(error).startswith(_UNREADY_PREFIXES)
+    return isinstance(error, _UNREADY) or _UNREADY_TEXT.search(str(error)) is not None
 
 
 def _outcomes(reply: list[Any]) -> list[Outcome]:
