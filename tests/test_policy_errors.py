@@ -46,6 +46,20 @@ CASES = [
     # (id, text, line, field, words the message must contain)
     ("yaml-syntax", "version: 1\nplans: [\n  {name: a\n", 4, "", ["not valid YAML"]),
     (
+        "misspelt-key",
+        BASE + "    widnow: 1m\n",
+        11,
+        "rate_limits[0] (apps).widnow",
+        ["unknown key 'widnow' (did you mean 'window'?)", "expected one of"],
+    ),
+    (
+        "unknown-value",
+        BASE.replace("version: 1\n", "version: 1\nerrors: oktaa\n"),
+        2,
+        "errors",
+        ["expected 'problem+json', 'okta' or 'logto', got 'oktaa'"],
+    ),
+    (
         "unknown-key",
         BASE + "    colour: blue\n",
         11,

@@ -6,6 +6,7 @@ all problems of a stage are reported together so one edit-check cycle fixes them
 
 from __future__ import annotations
 
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +109,17 @@ def _validation_issues(error: ValidationError, located: Located, source: str) ->
         kind = problem["type"]
         if kind == "extra_forbidden":
             parent = _keys_at(loc[:-1])
-            expected = ", ".join(parent) if parent else ""
-            message = f"unknown key {loc[-1]!r}" + (
-                f"; expected one of: {expected}" if expected else ""
-            )
+            close = get_close_matches(str(loc[-1]), parent, n=1)
+            message = f"unknown key {loc[-1]!r}"
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
+            if parent:
+                message += f"; expected one of: {', '.join(parent)}"
         elif kind == "missing":
             message = "required field is missing"
+        elif kind == "literal_error":
+            allowed = problem.get("ctx", {}).get("expected", "")
+            message = f"expected {allowed}, got {problem.get('input')!r}"
         else:
             message = problem["msg"].removeprefix("Value error, ")
             if kind not in ("value_error",) and "input" in problem:
