@@ -8,6 +8,7 @@ mocks. Time is injected (``?clock=local``) except where the server clock is the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -818,3 +819,77 @@ async def test_a_refund_that_cannot_read_a_key_gives_nothing_back(single: Target
         assert (await store.apply([spec], ["a"], 1, None, T, "acme"))[0][2] == 6  # 3 + 1 used
     finally:
         await store.close()
+
+
+async def test_a_cross_slot_decision_that_fails_in_a_later_slot_gives_back_the_earlier(
+    cluster: Target,
+) -> None:
+    tenant_spec = CounterSpec("t|fixed-window|60", "fixed-window", 60.0, 10, 10, True, True)
+    ip_spec = CounterSpec("ip|fixed-window|60", "fixed-window", 60.0, 10, 10, True, False)
+    specs = [tenant_spec, ip_spec]
+    store = cluster.store()
+    try:
+        first = await store.apply(specs, ["acme", "203.0.113.9"], 1, None, T, "acme")
+        assert [outcome[2] for outcome in first] == [9, 9]
+        broken = counter_key("acme", ip_spec.table, "203.0.113.9", scoped=False)
+        with cluster.clients() as clients:
+            for client in clients:
+                with contextlib.suppress(redis.exceptions.ResponseError):  # MOVED elsewhere
+                    client.delete(broken)
+                    client.lpush(broken, "not a counter")
+        with pytest.raises(StoreError, match="WRONGTYPE"):
+            await store.apply(specs, ["acme", "203.0.113.9"], 1, None, T, "acme")
+        # the tenant's slot counted the failed decision, then gave it back
+        again = await store.apply([tenant_spec], ["acme"], 1, None, T, "acme")
+        assert again[0][2] == 8
+    finally:
+        await store.close()
+
+
+def _owned_slots(client: redis.Redis, node_id: str) -> list[int]:
+    slots: list[int] = []
+    for line in client.execute_command("CLUSTER", "NODES").splitlines():  # type: ignore[no-untyped-call]
+        parts = line.split()
+        if parts[0] == node_id:
+            for part in parts[8:]:
+                first, _, last = part.partition("-")
+                if first.isdigit():
+                    slots += range(int(first), int(last or first) + 1)
+    return slots
+
+
+async def test_cluster_relearns_its_map_when_a_node_stops_answering() -> None:
+    """A node dies after its slots went to another (a failover, a reshard): the cached
+    map still points at it and only a live node says MOVED. The first failure makes the
+    store ask the cluster for its map again, and the checks after it count."""
+    with RedisCluster() as cluster:  # its own: this test kills a node
+        url = cluster.url.replace("redis://", "redis+cluster://") + "?clock=local&timeout=1"
+        store = RedisCounters.from_url(url)
+        spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 10, 10, True)
+        try:
+            assert (await store.apply([spec], ["acme"], 1, None, T, "acme"))[0][2] == 9
+            key = counter_key("acme", spec.table, "acme", scoped=True)
+            dying = store._client.get_node_from_key(key)
+            doomed = next(node for node in cluster.nodes if node.port == dying.port)
+            heir = next(node for node in cluster.nodes if node.port != dying.port)
+            with doomed.client() as client:
+                doomed_id = client.execute_command("CLUSTER", "MYID")
+                slots = _owned_slots(client, doomed_id)
+            with heir.client() as client:
+                heir_id = client.execute_command("CLUSTER", "MYID")
+            cluster.flushall()  # empty slots move without MIGRATE
+            for node in cluster.nodes:
+                with node.client() as client:
+                    pipe = client.pipeline(transaction=False)
+                    for slot in slots:
+                        pipe.execute_command("CLUSTER", "SETSLOT", slot, "NODE", heir_id)
+                    pipe.execute()
+            doomed.kill()
+            with pytest.raises(StoreError):
+                await store.apply([spec], ["acme"], 1, None, T, "acme")  # the stale map
+            await asyncio.gather(*store._tasks)  # the map the failure asked for
+            outcome = await store.apply([spec], ["acme"], 1, None, T, "acme")
+            assert outcome[0][:3] == (True, None, 9)  # counted afresh on the heir
+            assert store.breaker.state == "closed"
+        finally:
+            await store.close()

@@ -19,6 +19,7 @@ caller's ``now`` is used, which is what tests inject).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Sequence
 from functools import lru_cache, partial
@@ -42,6 +43,8 @@ from redis.exceptions import (
     ResponseError,
     TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tenantguard._metrics import STORE_ERRORS
 from tenantguard.algorithms import NEVER, Outcome
@@ -101,6 +104,7 @@ MAX_BATCH = 256
 # the client and the server overlap instead of taking turns.
 SPLIT = 2
 SPLIT_MIN = 8
+RELEARN_EVERY = 1.0  # seconds between cluster map refreshes after connection failures
 
 
 class _Call:
@@ -139,6 +143,8 @@ class RedisCounters:
         self._nodes: dict[str, Any] = {}  # cluster: a plain client per node, for pipelines
         self._owned: list[Any] = []  # other clients to close with this store (sentinels)
         self._spec_words: dict[tuple[CounterSpec, ...], list[str]] = {}
+        self._relearning = False
+        self._relearned_at = -RELEARN_EVERY
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisCounters:
@@ -269,29 +275,42 @@ class RedisCounters:
         outcomes: list[Outcome | None] = [None] * len(specs)
         taken: list[tuple[list[str], list[str]]] = []
         blocked = False
-        for indices in groups.values():
-            keys = [redis_keys[i] for i in indices]
-            chosen = [specs[i] for i in indices]
-            reply = await self._call(
-                keys, self._argv("probe" if blocked else "apply", clock, cost, lease, chosen)
-            )
-            answered = _outcomes(reply)
-            for i, outcome in zip(indices, answered, strict=True):
-                outcomes[i] = outcome
-            if blocked:
-                continue
-            if any(not o[0] and s[5] for o, s in zip(answered, chosen, strict=True)):
-                blocked = True
-            else:
-                # refund what was counted (not shadow denials), at the instant it was counted
-                kept = [i for i, outcome in enumerate(answered) if outcome[0]]
-                argv = self._argv("refund", str(reply[0]), cost, lease, [chosen[i] for i in kept])
-                taken.append(([keys[i] for i in kept], argv))
+        try:
+            for indices in groups.values():
+                keys = [redis_keys[i] for i in indices]
+                chosen = [specs[i] for i in indices]
+                op = "probe" if blocked else "apply"
+                reply = await self._call(keys, self._argv(op, clock, cost, lease, chosen))
+                answered = _outcomes(reply)
+                for i, outcome in zip(indices, answered, strict=True):
+                    outcomes[i] = outcome
+                if blocked:
+                    continue
+                if any(not o[0] and s[5] for o, s in zip(answered, chosen, strict=True)):
+                    blocked = True
+                else:
+                    # refund what was counted (not shadow denials), at its own instant
+                    kept = [i for i, outcome in enumerate(answered) if outcome[0]]
+                    words = self._argv(
+                        "refund", str(reply[0]), cost, lease, [chosen[i] for i in kept]
+                    )
+                    taken.append(([keys[i] for i in kept], words))
+        except StoreError:
+            # a later slot failed: the decision is made without the store, so what the
+            # earlier slots counted must not stay counted either
+            await self._give_back(taken)
+            raise
         if blocked:
-            for keys, argv in taken:
-                if keys:
-                    await self._call(keys, argv)
+            await self._give_back(taken)
         return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _give_back(self, taken: list[tuple[list[str], list[str]]]) -> None:
+        """Refund each slot's share; best effort, since a slot that cannot be reached
+        now cannot be refunded now either (its counts end with their window)."""
+        for keys, words in taken:
+            if keys:
+                with contextlib.suppress(StoreError):
+                    await self._call(keys, words)
 
     async def _call(self, keys: list[str], args: list[str]) -> Any:
         if not self.breaker.allow():
@@ -325,6 +344,8 @@ class RedisCounters:
                 replies = await self._pipeline(batch)
         except Exception as error:
             self._fail(batch, error)
+            if self._cluster and isinstance(error, _UNREACHABLE):
+                self._relearn_slots()
             return
         unready = [r for r in replies if isinstance(r, ResponseError) and _unready(r)]
         if unready:
@@ -341,6 +362,28 @@ class RedisCounters:
                 _settle(call, reply, f"{what}: {reply}")
             elif not call.future.done():
                 call.future.set_result(reply)
+
+    def _relearn_slots(self) -> None:
+        """A node did not answer: it may have died and its slots gone to another. Redis
+        only says MOVED from a live node, so ask the cluster for its map again (at most
+        once a second, in the background) instead of waiting on the dead one forever."""
+        loop = asyncio.get_running_loop()
+        if self._relearning or loop.time() < self._relearned_at + RELEARN_EVERY:
+            return
+        self._relearning = True
+        self._relearned_at = loop.time()
+
+        async def relearn() -> None:
+            try:
+                await self._client.nodes_manager.initialize()
+            except (RedisError, OSError, TimeoutError):
+                pass  # every node is down: the next failure tries again
+            finally:
+                self._relearning = False
+
+        task = loop.create_task(relearn())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _sent(self, batch: list[_Call], task: asyncio.Task[None]) -> None:
         """A batch task cancelled (even before it began) never reaches its ``except``:
@@ -493,6 +536,7 @@ def _settle(call: _Call, cause: BaseException, message: str) -> None:
         call.future.set_exception(error)
 
 
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
 _UNREADY = (BusyLoadingError, ReadOnlyError, ClusterDownError, MasterDownError, TryAgainError)
 # at the start (Redis 7) or after "-" inside a script error's text (Redis 6)
 _UNREADY_TEXT = re.compile(r"(?:^|-)(?:BUSY|MASTERDOWN|READONLY|LOADING|CLUSTERDOWN|TRYAGAIN)\b")
