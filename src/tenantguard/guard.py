@@ -27,7 +27,7 @@ from tenantguard._metrics import (
     track,
 )
 from tenantguard._periods import current_period
-from tenantguard._route_plan import RoutePlan
+from tenantguard._route_plan import RoutePlan, ceiling, plan_route, table_id
 from tenantguard._rules import CompiledRule
 from tenantguard.algorithms import NEVER, Outcome
 from tenantguard.decision import Decision, RuleCheck
@@ -43,7 +43,7 @@ from tenantguard.ledger import (
     open_ledger,
 )
 from tenantguard.overrides import Overrides
-from tenantguard.policy import UNAVAILABLE, Policy
+from tenantguard.policy import Policy
 from tenantguard.quotas import Quotas
 from tenantguard.stores import CounterSpec, CounterStore, MemoryCounters, open_counters
 from tenantguard.tenants import Tenants, check_tenant_id
@@ -60,11 +60,6 @@ _RETIRED_TALLIES = 8  # replaced views whose allowed counts are kept apart, see 
 
 def _open_counters(counters: str | CounterStore) -> CounterStore:
     return open_counters(counters) if isinstance(counters, str) else counters
-
-
-def table_id(rule: CompiledRule) -> str:
-    window = rule.lease_ttl if rule.algorithm == "concurrency" else rule.window
-    return f"{rule.name}|{rule.algorithm}|{window:g}"
 
 
 def counter_key(
@@ -415,61 +410,12 @@ class Guard:
     def _route(
         self, key: tuple[Any, ...], state: TenantState, now: float, view: _PolicyView
     ) -> RoutePlan:
-        method, path, slot = key[0], key[1], key[2]
-        plan = state.plan
-        rules, specs, fixed = [], [], []
-        unavailable = None
-        for rule in view.policy.routes.match(method, path):
-            value, burst = effective_limit(rule, slot, state.enforcement, state.overrides, now)
-            if isinstance(value, str):  # unlimited or unavailable: no counter
-                check = RuleCheck(
-                    rule.name,
-                    rule.group,
-                    rule.algorithm,
-                    str(value),
-                    None,
-                    None,
-                    None,
-                    None,
-                    rule.window,
-                    rule.shadow,
-                    f"{rule.name!r} is not available on plan {plan!r}"
-                    if value == UNAVAILABLE
-                    else None,
-                )
-                fixed.append(check)
-                if value == UNAVAILABLE and not rule.shadow and unavailable is None:
-                    unavailable = check
-                continue
-            rules.append(rule)
-            window = rule.lease_ttl if rule.algorithm == "concurrency" else rule.window
-            specs.append(
-                CounterSpec(
-                    table_id(rule),
-                    rule.algorithm,
-                    window,
-                    value,
-                    burst,
-                    not rule.shadow,
-                    "tenant" in rule.per,
-                )
-            )
-        route = RoutePlan(
-            rules=tuple(rules),
-            specs=tuple(specs),
-            fixed=tuple(fixed),
-            unavailable=unavailable,
-            tenant_keyed=all(rule.per == ("tenant",) for rule in rules),
-            leased=any(rule.algorithm == "concurrency" for rule in rules),
-            countable=bool(specs) and unavailable is None,
-            warn_at=tuple(
-                _ceiling(spec) - -(-_ceiling(spec) * rule.warning_threshold // 100)
-                if spec.enforce
-                else -1
-                for rule, spec in zip(rules, specs, strict=True)
-            ),
-            bound=self._local.bind(specs) if self._local is not None and specs else None,
-        )
+        matched = view.policy.routes.match(key[0], key[1])
+        local = self._local
+        route = plan_route(
+            matched, state.plan, key[2], state.enforcement, state.overrides, now,
+            bind=local.bind if local is not None else None,
+        )  # fmt: skip
         plans = view.plans
         if len(plans) >= _PLAN_CACHE_SIZE:
             del plans[next(iter(plans))]
@@ -650,12 +596,7 @@ class Guard:
 
 
 def _never_reason(cost: int, spec: CounterSpec, name: str) -> str:
-    return f"cost {cost} exceeds the {_ceiling(spec)} that rule {name!r} can ever admit"
-
-
-def _ceiling(spec: CounterSpec) -> int:
-    """The most one request may cost under ``spec``."""
-    return spec.burst if spec.algorithm in ("token-bucket", "gcra") else spec.limit
+    return f"cost {cost} exceeds the {ceiling(spec)} that rule {name!r} can ever admit"
 
 
 def _build_checks(parts: tuple[RoutePlan, list[Outcome], int, bool]) -> tuple[RuleCheck, ...]:
@@ -669,7 +610,7 @@ def _build_checks(parts: tuple[RoutePlan, list[Outcome], int, bool]) -> tuple[Ru
         if allowed and blocked:
             # nothing was counted since another rule denied: report the untouched count
             verdict = "uncounted"
-            remaining = min(left + cost, _ceiling(spec))
+            remaining = min(left + cost, ceiling(spec))
         elif allowed:
             verdict = "allowed"
         else:
