@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
-from tenantguard._errors_style import Answer, ErrorStyle, problem, refusal
+from tenantguard._errors_style import Answer, problem, refusal
 from tenantguard.errors import StoreError
 
 if TYPE_CHECKING:
@@ -68,11 +68,6 @@ class TenantGuardMiddleware:
         self.tenant = tenant_resolver(tenant, default_tenant)
         self.client_header = (client_header or "").lower()
 
-    @property
-    def errors(self) -> ErrorStyle:
-        """The policy's error style, read per refusal so a hot reload changes it too."""
-        return self.guard.policy.document.errors
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -91,7 +86,8 @@ class TenantGuardMiddleware:
                 return await self.app(scope, receive, send)
             return await _reply(send, answer)
         if not decision.allowed:
-            return await _reply(send, refusal(self.errors, decision))
+            style = self.guard.policy.document.errors  # read per refusal: hot reload
+            return await _reply(send, refusal(style, decision))
         extra = _encode(decision.headers.items())
         if not extra and decision.lease is None:
             return await self.app(scope, receive, send)

@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from tenantguard._errors_style import Answer, ErrorStyle, refusal
+from tenantguard._errors_style import Answer, refusal
 from tenantguard.errors import StoreError
 from tenantguard.middleware import TenantSpec, failure, tenant_resolver
 
@@ -219,11 +219,6 @@ class TenantGuardWSGI:
         self.tenant = tenant_resolver(tenant, default_tenant)
         self.client_header = (client_header or "").lower()
 
-    @property
-    def errors(self) -> ErrorStyle:
-        """The policy's error style, read per refusal so a hot reload changes it too."""
-        return self.guard.guard.policy.document.errors
-
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         headers, path = _request(environ)
         tenant = self.tenant(environ, headers, path)
@@ -239,7 +234,8 @@ class TenantGuardWSGI:
                 return self.app(environ, start_response)
             return _reply(start_response, answer)
         if not decision.allowed:
-            return _reply(start_response, refusal(self.errors, decision))
+            style = self.guard.guard.policy.document.errors  # read per refusal: hot reload
+            return _reply(start_response, refusal(style, decision))
         extra = list(decision.headers.items())
 
         def start_with_headers(
