@@ -352,8 +352,7 @@ class RedisCounters:
             # the server answers but cannot serve (loading, a replica after failover,
             # cluster down): an outage for the breaker, not a success. The calls it did
             # answer still get their answers: what they counted stays counted.
-            self.breaker.failure()
-            STORE_ERRORS.labels(store="redis", kind=type(unready[0]).__name__).inc()
+            self._outage(unready[0])
         else:
             self.breaker.success()
         for call, reply in zip(batch, replies, strict=True):
@@ -393,11 +392,15 @@ class RedisCounters:
         if task.cancelled():
             self._fail(batch, asyncio.CancelledError())
 
-    def _fail(self, batch: list[_Call], error: BaseException) -> None:
-        """One failed batch: one breaker failure, one metric, a ``StoreError`` per call."""
+    def _outage(self, error: BaseException) -> None:
+        """One failure for the breaker, one for the metric."""
         self.breaker.failure()
         kind = "timeout" if isinstance(error, TimeoutError) else type(error).__name__
         STORE_ERRORS.labels(store="redis", kind=kind).inc()
+
+    def _fail(self, batch: list[_Call], error: BaseException) -> None:
+        """One failed batch: one outage, a ``StoreError`` per call."""
+        self._outage(error)
         for call in batch:
             _settle(call, error, f"counter store failed: {error!r}")
 
