@@ -200,24 +200,30 @@ end
 local STEPS = { f = fixed_window, s = sliding_window, t = token_bucket, g = gcra,
   c = concurrency }
 
-local function release(now, key, lease)
-  local ids, exps, costs = live_leases(redis.call('GET', key) or nil, now)
+-- the live leases of `state` but `lease`
+local function live_without(state, now, lease)
+  local ids, exps, costs = live_leases(state, now)
   local keep_ids, keep_exps, keep_costs = {}, {}, {}
-  local latest = now
   for i = 1, #ids do
     if ids[i] ~= lease then
       keep_ids[#keep_ids + 1] = ids[i]
       keep_exps[#keep_exps + 1] = exps[i]
       keep_costs[#keep_costs + 1] = costs[i]
-      latest = math.max(latest, exps[i])
     end
   end
-  if #keep_ids == 0 then
+  return keep_ids, keep_exps, keep_costs
+end
+
+local function release(now, key, lease)
+  local ids, exps, costs = live_without(redis.call('GET', key) or nil, now, lease)
+  if #ids == 0 then
     redis.call('DEL', key)
-  else
-    local ttl = math.ceil((latest - now) * 1000) + 1000
-    redis.call('SET', key, encode_leases(keep_ids, keep_exps, keep_costs), 'PX', ttl)
+    return
   end
+  local latest = now
+  for i = 1, #exps do latest = math.max(latest, exps[i]) end
+  local ttl = math.ceil((latest - now) * 1000) + 1000
+  redis.call('SET', key, encode_leases(ids, exps, costs), 'PX', ttl)
 end
 
 -- what taking back `cost` counted at `now` leaves of `state`: a new state, false to
@@ -240,17 +246,9 @@ local function refunded(code, state, now, limit, window, cost, lease)
   elseif code == 't' or code == 'g' then
     return pack(math.max(f[1] - cost * window / limit, 0), f[2])
   end
-  local ids, exps, costs = live_leases(state, now)
-  local keep_ids, keep_exps, keep_costs = {}, {}, {}
-  for i = 1, #ids do
-    if ids[i] ~= lease then
-      keep_ids[#keep_ids + 1] = ids[i]
-      keep_exps[#keep_exps + 1] = exps[i]
-      keep_costs[#keep_costs + 1] = costs[i]
-    end
-  end
-  if #keep_ids == 0 then return false end
-  return encode_leases(keep_ids, keep_exps, keep_costs)
+  local ids, exps, costs = live_without(state, now, lease)
+  if #ids == 0 then return false end
+  return encode_leases(ids, exps, costs)
 end
 
 -- a refund record: every key read and worked out first, then written, so a key that
