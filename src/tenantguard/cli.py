@@ -105,12 +105,19 @@ def _methods(rule: CompiledRule) -> str:
     return ", ".join(sorted(rule.methods)) if rule.methods else "all"
 
 
-def _rules_table(policy: Policy, group: str) -> Table:
-    table = Table(title=f"group {group}", title_justify="left", show_lines=True)
-    for header in ("rule", "methods", "paths", "algorithm", "window", "per"):
+def _plan_table(title: str, policy: Policy, *headers: str) -> Table:
+    """A table of ``headers`` then a right-aligned column per plan."""
+    table = Table(title=title, title_justify="left", show_lines=True)
+    for header in headers:
         table.add_column(header, overflow="fold")
     for plan in policy.plans:
         table.add_column(plan.name, justify="right", overflow="fold")
+    return table
+
+
+def _rules_table(policy: Policy, group: str) -> Table:
+    headers = ("rule", "methods", "paths", "algorithm", "window", "per")
+    table = _plan_table(f"group {group}", policy, *headers)
     for rule in policy.rules:
         if rule.group != group:
             continue
@@ -125,11 +132,7 @@ def _rules_table(policy: Policy, group: str) -> Table:
 
 
 def _quotas_table(policy: Policy) -> Table:
-    table = Table(title="quotas", title_justify="left", show_lines=True)
-    for header in ("quota", "kind", "per", "counts toward"):
-        table.add_column(header, overflow="fold")
-    for plan in policy.plans:
-        table.add_column(plan.name, justify="right", overflow="fold")
+    table = _plan_table("quotas", policy, "quota", "kind", "per", "counts toward")
     for quota in policy.quotas.values():
         kind = f"usage per {quota.period}" if quota.period else "entity cap"
         cells = [quota.name, kind, quota.per or "tenant", ", ".join(quota.counts_toward)]
@@ -139,10 +142,7 @@ def _quotas_table(policy: Policy) -> Table:
 
 
 def _entitlements_table(policy: Policy) -> Table:
-    table = Table(title="entitlements", title_justify="left", show_lines=True)
-    table.add_column("entitlement", overflow="fold")
-    for plan in policy.plans:
-        table.add_column(plan.name, justify="right", overflow="fold")
+    table = _plan_table("entitlements", policy, "entitlement")
     for name, values in policy.document.entitlements.items():
         default = values.get("default", "-")
         cells = [name] + [str(values.get(plan.name, default)) for plan in policy.plans]
