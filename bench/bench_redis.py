@@ -14,9 +14,10 @@ concurrent callers:
   serialize on it. For context the same C threads are also measured with redis-py's
   default pool, which opens a connection per concurrently active thread.
 * ceiling: ``redis-benchmark -c 100``, pipelined, replaying tenantguard's own
-  ``counters.lua`` (EVALSHA, two keys per decision, the same rule arguments; one decision
-  per call, and 16 per call as a busy client batches them) and a one-line INCR script
-  (EVAL): what the server itself can answer, with no Python client in the way.
+  ``counters.lua`` (EVALSHA, the two counters of one tenant's hash per decision, the same
+  rule arguments; one decision per call, and 16 per call as a busy client batches them,
+  over as many tenants as the traffic) and a one-line INCR script (EVAL): what the server
+  itself can answer, with no Python client in the way.
 
 Each figure is the best of several rounds; the machine is small and shared, so compare
 the ratios, which are measured in the same run.
@@ -39,7 +40,8 @@ import redis
 from limits import RateLimitItemPerMinute, storage, strategies
 
 from tenantguard import Guard, parse_policy
-from tenantguard.stores.redis_store import SCRIPT
+from tenantguard.stores import CounterSpec
+from tenantguard.stores.redis_store import SCRIPT, _head, _layout, counter_key
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -61,7 +63,7 @@ MAX_DECISIONS = 150_000
 CEILING_REQUESTS = 400_000
 CEILING_PIPELINE = 100
 CEILING_CLIENTS = 100
-CEILING_KEYSPACE = 1_000_000
+CEILING_KEYSPACE = TENANTS  # as many tenants as the traffic above spreads over
 CEILING_RECORDS = 16  # decisions per script call in the batched ceiling, as a busy client sends
 TIMEOUT = "1"  # seconds per store call; a degraded decision would flatter the figures
 
@@ -276,20 +278,17 @@ def bench_limits(
 def counters_argv(control: redis.Redis, records: int = 1) -> list[str]:
     """EVALSHA of ``counters.lua`` as tenantguard sends it for a developer-free tenant
     on /api/v1/users/{id}: the endpoint's fixed window and the tenant's token bucket,
-    two keys of one random tenant per decision (``__rand_int__``), server clock;
-    ``records`` such decisions per call, as a busy client batches them."""
+    both fields of one random tenant's hash (``__rand_int__``), server clock; ``records``
+    such decisions per call, as a busy client batches them."""
     sha = str(control.script_load(SCRIPT))
-    keys: list[str] = []
-    args: list[str] = []
-    for _ in range(records):
-        tenant = "{t__rand_int__}"
-        keys += [f"tg:{tenant}:user-get", f"tg:{tenant}:tenant-bucket"]
-        args += [
-            "apply", "", "1", "", "2",
-            "f", "100", "60.0", "100", "1",
-            "t", "200", "10.0", "200", "1",
-        ]  # fmt: skip
-    return ["EVALSHA", sha, str(len(keys)), *keys, *args]
+    specs = (
+        CounterSpec("users-get|fixed-window|60", "fixed-window", 60.0, 100, 100, True),
+        CounterSpec("tenant-bucket|token-bucket|10", "token-bucket", 10.0, 200, 200, True),
+    )
+    places = [counter_key("t", spec.table, "t", scoped=True) for spec in specs]
+    record = _head("apply", "", 1, None, 1, _layout(specs, places)[1])
+    keys = ["tg:{t__rand_int__}"] * records
+    return ["EVALSHA", sha, str(len(keys)), *keys, *record * records]
 
 
 INCR_ARGV = ["EVAL", "return redis.call('INCR', KEYS[1])", "1", "key:__rand_int__"]

@@ -23,7 +23,14 @@ from servers import RedisCluster, RedisSentinel, RedisServer
 from tenantguard import Decision, Guard, RuleCheck, parse_policy
 from tenantguard.errors import StoreError
 from tenantguard.stores import CounterSpec, open_counters
-from tenantguard.stores.redis_store import MAX_BATCH, SPLIT, RedisCounters, counter_key
+from tenantguard.stores.redis_store import (
+    MAX_BATCH,
+    SPLIT,
+    RedisCounters,
+    _head,
+    _layout,
+    counter_key,
+)
 
 T = 1_700_000_040.0  # an exact minute since the epoch, 840 s into its hour
 OPTIONS = "?clock=local&timeout=5"
@@ -158,7 +165,9 @@ rate_limits:
     limits: {default: 50}
 """
 CLIENTS = ("c1", "c}{:2")
-KEYS_PER_TENANT = 4 + len(CLIENTS)  # four tenant-wide rules, per-client once per client
+# the tenant's hash (its four tenant-wide counters), and per-client keys once per client
+KEYS_PER_TENANT = 1 + len(CLIENTS)
+TENANT_WIDE = {"endpoint", "sliding", "tenant-bucket", "parallel"}
 
 ESCAPING_TENANTS = [
     "a}b",
@@ -200,8 +209,14 @@ async def test_every_tenant_keeps_all_its_keys_in_its_own_slot(cluster: Target) 
         ESCAPING_TENANTS, KEYS_PER_TENANT
     )
 
+    found = cluster.scan()
     with cluster.clients() as clients:
         for tenant, keys in by_tenant.items():
+            # the tenant's own counters are the fields of one hash, named by their rule
+            (hashed,) = [key for key in keys if clients[found[key]].type(key) == "hash"]
+            fields = clients[found[hashed]].hkeys(hashed)
+            assert {unquote(f).split("|")[0] for f in fields} == {*TENANT_WIDE, ":ttl"}
+            assert {table_of(key).split("|")[0] for key in keys if key != hashed} == {"per-client"}
             tag = hash_tag(keys[0])
             assert "{" not in tag, tag
             assert "}" not in tag, tag
@@ -268,6 +283,7 @@ rate_limits:
     lease_ttl: 30s
     limits: {default: 3}
 """
+HORIZON = 10.0  # seconds a tenant hash's TTL may run past its counters' (counters.lua)
 # the longest a state can matter, in seconds: window, two windows, burst / rate, lease ttl
 LIFETIME = {"fw": 60.0, "sw": 120.0, "tb": 20 / (10 / 10), "gc": 3 * (60 / 5), "cc": 30.0}
 
@@ -293,12 +309,22 @@ async def test_every_key_has_a_ttl_within_its_state_lifetime(target: Target) -> 
         assert (await guard.check("t0", "GET", "/x", client="c0")).allowed
 
     keys = target.scan()
-    assert {table_of(key).split("|")[0] for key in keys} == set(LIFETIME)
+    seen: set[str] = set()
     with target.clients() as clients:
         for key, node in keys.items():
-            pttl = clients[node].pttl(key)
-            limit = LIFETIME[table_of(key).split("|")[0]] + 1.0
+            client = clients[node]
+            if client.type(key) == "hash":
+                # a tenant's own counters: the hash lives as long as its longest-lived
+                # counter needs, and at most HORIZON (counters.lua) past that
+                rules = {unquote(f).split("|")[0] for f in client.hkeys(key)} - {":ttl"}
+                limit = max(LIFETIME[rule] for rule in rules) + 1.0 + HORIZON
+            else:
+                rules = {table_of(key).split("|")[0]}
+                limit = LIFETIME[table_of(key).split("|")[0]] + 1.0
+            seen |= rules
+            pttl = client.pttl(key)
             assert 0 < pttl <= limit * 1000, f"{key!r}: PTTL {pttl} ms, lifetime {limit} s"
+    assert seen == set(LIFETIME)
 
 
 # --- 3. a flushed script is loaded again -----------------------------------------------
@@ -391,7 +417,7 @@ async def test_a_turn_larger_than_a_script_call_is_cut_into_several(single: Targ
 async def test_a_key_of_the_wrong_type_fails_only_its_own_decision(target: Target) -> None:
     spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 5, 5, True)
     with target.clients() as clients:
-        key = counter_key("broken", spec.table, "broken", scoped=True)
+        key, _ = counter_key("broken", spec.table, "broken", scoped=True)
         for client in clients:
             try:
                 client.lpush(key, "not a counter")
@@ -774,7 +800,7 @@ async def test_a_migrating_slot_still_answers_every_decision_of_the_turn(
     spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 10, 10, True)
     for key in ("a", "b"):
         assert (await store.apply([spec], [key], 1, None, T, "acme"))[0][2] == 9
-    moved = counter_key("acme", spec.table, "b", scoped=True)
+    moved, _ = counter_key("acme", spec.table, "b", scoped=True)
     with redis_cluster.nodes[0].client() as seed:
         slot = int(seed.execute_command("CLUSTER", "KEYSLOT", moved))
         nodes = [line.split() for line in seed.execute_command("CLUSTER", "NODES").splitlines()]
@@ -812,10 +838,10 @@ async def test_a_refund_that_cannot_read_a_key_gives_nothing_back(single: Target
         kept = counter_key("acme", spec.table, "a", scoped=True)
         broken = counter_key("acme", spec.table, "b", scoped=True)
         with single.clients() as (client,):
-            client.lpush(broken, "not a counter")
-        words = store._argv("refund", repr(T), 3, None, [spec, spec])
+            client.lpush(broken[0], "not a counter")
+        keys, words = _layout([spec, spec], [kept, broken])
         with pytest.raises(StoreError, match="WRONGTYPE"):
-            await store._call([kept, broken], words)
+            await store._call(keys, _head("refund", repr(T), 3, None, len(keys), words))
         assert (await store.apply([spec], ["a"], 1, None, T, "acme"))[0][2] == 6  # 3 + 1 used
     finally:
         await store.close()
@@ -831,7 +857,7 @@ async def test_a_cross_slot_decision_that_fails_in_a_later_slot_gives_back_the_e
     try:
         first = await store.apply(specs, ["acme", "203.0.113.9"], 1, None, T, "acme")
         assert [outcome[2] for outcome in first] == [9, 9]
-        broken = counter_key("acme", ip_spec.table, "203.0.113.9", scoped=False)
+        broken, _ = counter_key("acme", ip_spec.table, "203.0.113.9", scoped=False)
         with cluster.clients() as clients:
             for client in clients:
                 with contextlib.suppress(redis.exceptions.ResponseError):  # MOVED elsewhere
@@ -868,7 +894,7 @@ async def test_cluster_relearns_its_map_when_a_node_stops_answering() -> None:
         spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 10, 10, True)
         try:
             assert (await store.apply([spec], ["acme"], 1, None, T, "acme"))[0][2] == 9
-            key = counter_key("acme", spec.table, "acme", scoped=True)
+            key, _ = counter_key("acme", spec.table, "acme", scoped=True)
             dying = store._client.get_node_from_key(key)
             doomed = next(node for node in cluster.nodes if node.port == dying.port)
             heir = next(node for node in cluster.nodes if node.port != dying.port)

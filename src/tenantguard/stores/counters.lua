@@ -4,11 +4,20 @@
 -- The functions below are line-for-line ports of tenantguard/algorithms/*.py; the
 -- conformance suite (tests/conformance.py) runs the same scenarios against both.
 --
--- ARGV is a sequence of records, one per decision (or release or refund), each naming the
--- next n KEYS:
---   op, at, cost, lease, n, then for apply/probe/refund 5 words per key:
---   algorithm code (f, s, t, g, c), limit, window (lease ttl for c), burst, enforce (1/0)
--- `at` is the record's instant in seconds; "" means the server's TIME (read once per call).
+-- ARGV holds one word per record, one record per decision (or release or refund):
+--   "op|at|cost|lease|m code|limit|window|burst|enforce|field ..."
+-- a head, then one spec per counter (code: f, s, t, g, c; window is the lease ttl for c;
+-- enforce 1/0). The record names the next m KEYS. `at` is the record's instant in
+-- seconds; "" means the server's TIME (read once per call). A route's checks send the
+-- same word every time, so each distinct word is parsed once per call.
+--
+-- Where a counter lives: a spec with a field keeps its state in that field of the hash
+-- KEYS[i] (a tenant's own counters share one hash: one read and one write per decision,
+-- and one key to create and expire per tenant instead of one per rule); a spec without
+-- one keeps it in the string key KEYS[i] (counters per client, whose number has no bound,
+-- each expire on their own). A hash's field ":ttl" holds the instant its TTL runs to, so
+-- a write extends the TTL only when a counter needs longer, by HORIZON more.
+--
 -- The reply holds one entry per record, in order:
 --   apply:   { at as text, then per spec: allowed, remaining, reset, retry_after } with
 --            reset and retry_after in whole microseconds (retry_after -1: never); nothing
@@ -16,7 +25,7 @@
 --   probe:   the same, without writing.
 --   refund:  gives back what the apply at `at` counted. Commutative with other calls, so
 --            it is exact even when other decisions have written the keys in between.
---   release: drops lease `lease` from the concurrency counter KEYS[i].
+--   release: drops lease `lease` from the concurrency counters named.
 --   a record that fails (a key of the wrong type, say) answers "error: <message>" and
 --   leaves the others untouched; every write of a record comes after all its reads.
 --
@@ -200,6 +209,191 @@ end
 local STEPS = { f = fixed_window, s = sliding_window, t = token_bucket, g = gcra,
   c = concurrency }
 
+local TTL = ':ttl'  -- encoded table names never hold ':', so no counter is called this
+local HORIZON = 10  -- seconds a hash's TTL is set past what its counters need
+
+local records, specs = {}, {}  -- parsed words of this call
+
+local function spec(word)
+  local s = specs[word]
+  if s == nil then
+    local code, limit, window, burst, enforce, field =
+      string.match(word, '^(%l)|([^|]*)|([^|]*)|([^|]*)|([01])|(.*)$')
+    if not code or not STEPS[code] then error('malformed spec ' .. word) end
+    s = { code, tonumber(limit), tonumber(window), tonumber(burst), enforce == '1',
+      field ~= '' and field }
+    specs[word] = s
+  end
+  return s
+end
+
+-- a parsed record: its head, its specs, and where each spec's counter lives
+local OP, AT, COST, LEASE, N, M, SPECS, SLOTS, FIELDS, AT_FIELD, TWICE =
+  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
+
+-- SLOTS[i] is the offset of spec i's string key among the record's keys, or false for a
+-- field of the record's hash (then its first key). FIELDS lists what one HMGET reads
+-- (the deadline, then each spec's field) and AT_FIELD[i] where spec i's value comes
+-- back; TWICE says some counter is named by two specs (rare: each then sees the other).
+local function parse(word)
+  local r = records[word]
+  if r ~= nil then return r end
+  local head, rest = string.match(word, '^(%S+)(.*)$')
+  local op, at, cost, lease, m =
+    string.match(head or '', '^(%l+)|([^|]*)|(%d+)|([^|]*)|(%d+)$')
+  if not op then error('malformed record ' .. word) end
+  local rec, slots, fields, at_field, strings = {}, {}, { TTL }, {}, 0
+  for part in string.gmatch(rest, '%S+') do
+    local s = spec(part)
+    rec[#rec + 1] = s
+    if not s[6] then strings = strings + 1 end
+  end
+  m = tonumber(m)
+  local offset, twice = m - strings + 1, false
+  for i = 1, #rec do
+    if rec[i][6] then
+      slots[i] = false
+      fields[#fields + 1] = rec[i][6]
+      at_field[i] = #fields
+    else
+      slots[i] = offset
+      offset = offset + 1
+    end
+    for j = 1, i - 1 do
+      if slots[i] == slots[j] and (slots[i] or rec[i][6] == rec[j][6]) then twice = true end
+    end
+  end
+  if #fields == 1 then fields = false end
+  r = { op, tonumber(at), tonumber(cost), lease, #rec, m, rec, slots, fields, at_field, twice }
+  records[word] = r
+  return r
+end
+
+-- do specs i and j name the same counter?
+local function same(r, i, j)
+  local slots = r[SLOTS]
+  return slots[i] == slots[j] and (slots[i] or r[SPECS][i][6] == r[SPECS][j][6])
+end
+
+-- every spec's stored state (false: none) and the hash's deadline: one HMGET for the
+-- hash, one GET per string key (GET, not MGET: MGET reads a key of another type as
+-- empty, and a write would then overwrite it; GET refuses)
+local function read(k, r)
+  local fields, slots, deadline, values = r[FIELDS], r[SLOTS], false, nil
+  if fields then
+    values = redis.call('HMGET', KEYS[k + 1], unpack_table(fields))
+    deadline = tonumber(values[1]) or false
+  end
+  local at_field = r[AT_FIELD]
+  local states = { false, false, false, false }
+  for i = 1, r[N] do
+    local slot = slots[i]
+    if slot then
+      states[i] = redis.call('GET', KEYS[k + slot])
+    else
+      states[i] = values[at_field[i]]
+    end
+  end
+  return states, deadline
+end
+
+local function ttl_ms(expires, now)
+  return math.ceil((expires - now) * 1000) + 1000
+end
+
+-- writes news[i] of each spec (a state; false: delete it; nil: leave it), the last spec
+-- naming a counter winning. expires[i] is when the state may be forgotten; nil keeps
+-- the TTL as it is.
+local function write(now, k, r, news, expires, deadline)
+  local rec, slots, twice = r[SPECS], r[SLOTS], r[TWICE]
+  local n = r[N]
+  local sets, dels, needed = nil, nil, false
+  for i = 1, n do
+    local new = news[i]
+    if twice and new ~= nil then
+      for j = i + 1, n do
+        if news[j] ~= nil and same(r, i, j) then new = nil end
+      end
+    end
+    local slot, e = slots[i], expires[i]
+    if new == nil then
+      -- superseded by a later spec, or nothing to write
+    elseif slot then
+      if not new then
+        redis.call('DEL', KEYS[k + slot])
+      elseif e then
+        redis.call('SET', KEYS[k + slot], new, 'PX', ttl_ms(e, now))
+      else
+        redis.call('SET', KEYS[k + slot], new, 'KEEPTTL')
+      end
+    elseif new then
+      if not sets then sets = {} end
+      sets[#sets + 1] = rec[i][6]
+      sets[#sets + 1] = new
+      if e and (not needed or e > needed) then needed = e end
+    else
+      if not dels then dels = {} end
+      dels[#dels + 1] = rec[i][6]
+    end
+  end
+  local key = KEYS[k + 1]
+  local extend = needed and (not deadline or deadline < needed + 1)
+  if extend then
+    needed = needed + 1 + HORIZON
+    sets[#sets + 1] = TTL
+    sets[#sets + 1] = string.format('%.17g', needed)
+  end
+  if sets then redis.call('HSET', key, unpack_table(sets)) end
+  if dels then redis.call('HDEL', key, unpack_table(dels)) end
+  if extend then redis.call('PEXPIRE', key, math.ceil((needed - now) * 1000)) end
+end
+
+-- one decision
+local function decide(now, k, r, apply)
+  local states, deadline = read(k, r)
+  local rec, cost, lease, twice = r[SPECS], r[COST], r[LEASE], r[TWICE]
+  local news, expires = { nil, nil, nil, nil }, { nil, nil, nil, nil }
+  -- flat: a table per spec cost a fifth of the whole call. Two specs are the common
+  -- case: built at its size at once, as growing a table reallocates it
+  local n = r[N]
+  local replies
+  if n == 2 then
+    replies = { num(now), 0, 0, 0, 0, 0, 0, 0, 0 }
+  else
+    replies = { num(now) }
+  end
+  local blocked = false
+  for i = 1, n do
+    local s = rec[i]
+    local state = states[i]
+    if twice and not blocked then
+      -- a counter named twice sees what the earlier spec wrote; after a denial, the
+      -- specs still unanswered see the stored state (nothing is written)
+      for j = i - 1, 1, -1 do
+        if news[j] and same(r, i, j) then
+          state = news[j]
+          break
+        end
+      end
+    end
+    if state == false then state = nil end
+    local allowed, new, remaining, reset, retry, expiry =
+      STEPS[s[1]](state, now, s[2], s[3], s[4], cost, lease)
+    if allowed and not blocked then
+      news[i], expires[i] = new, expiry
+    elseif not allowed and s[5] then
+      blocked = true
+    end
+    local at = i * 4 - 2
+    replies[at] = allowed and 1 or 0
+    replies[at + 1] = remaining
+    replies[at + 2] = micros(reset)
+    replies[at + 3] = micros(retry)
+  end
+  if not blocked and apply then write(now, k, r, news, expires, deadline) end
+  return replies
+end
+
 -- the live leases of `state` but `lease`
 local function live_without(state, now, lease)
   local ids, exps, costs = live_leases(state, now)
@@ -214,20 +408,24 @@ local function live_without(state, now, lease)
   return keep_ids, keep_exps, keep_costs
 end
 
-local function release(now, key, lease)
-  local ids, exps, costs = live_without(redis.call('GET', key) or nil, now, lease)
-  if #ids == 0 then
-    redis.call('DEL', key)
-    return
+local function release(now, k, r)
+  local states, deadline = read(k, r)
+  local news, expires = {}, {}
+  for i = 1, r[N] do
+    local ids, exps, costs = live_without(states[i] or nil, now, r[LEASE])
+    if #ids == 0 then
+      news[i] = false
+    else
+      local latest = now
+      for j = 1, #exps do latest = math.max(latest, exps[j]) end
+      news[i], expires[i] = encode_leases(ids, exps, costs), latest
+    end
   end
-  local latest = now
-  for i = 1, #exps do latest = math.max(latest, exps[i]) end
-  local ttl = math.ceil((latest - now) * 1000) + 1000
-  redis.call('SET', key, encode_leases(ids, exps, costs), 'PX', ttl)
+  write(now, k, r, news, expires, deadline)
 end
 
 -- what taking back `cost` counted at `now` leaves of `state`: a new state, false to
--- delete the key, nil to leave it (refunds commute: other writers may have come between)
+-- delete it, nil to leave it (refunds commute: other writers may have come between)
 local function refunded(code, state, now, limit, window, cost, lease)
   if not state then return nil end
   local f = split(state)
@@ -251,85 +449,33 @@ local function refunded(code, state, now, limit, window, cost, lease)
   return encode_leases(ids, exps, costs)
 end
 
--- a refund record: every key read and worked out first, then written, so a key that
--- cannot be read (of another type, say) leaves all of them as they were
-local function refund(now, cost, lease, k, n, a)
-  local pending, order = {}, {}
-  for i = 1, n do
-    local base = a + (i - 1) * 5
-    local key = KEYS[k + i]
-    local state = pending[key]
-    if state == nil then
-      state = redis.call('GET', key)
+-- a refund record: every counter read and worked out first, then written, so one that
+-- cannot be read (a key of another type, say) leaves all of them as they were
+local function refund(now, k, r)
+  local states, deadline = read(k, r)
+  local rec, news = r[SPECS], {}
+  for i = 1, r[N] do
+    local state = states[i]
+    for j = i - 1, 1, -1 do
+      if news[j] ~= nil and same(r, i, j) then
+        state = news[j]
+        break
+      end
     end
-    if state == false then state = nil end
-    local new = refunded(ARGV[base + 1], state, now, tonumber(ARGV[base + 2]),
-      tonumber(ARGV[base + 3]), cost, lease)
-    if new ~= nil then
-      if pending[key] == nil then order[#order + 1] = key end
-      pending[key] = new
-    end
+    local s = rec[i]
+    news[i] = refunded(s[1], state or nil, now, s[2], s[3], r[COST], r[LEASE])
   end
-  for _, key in ipairs(order) do
-    local new = pending[key]
-    if new then
-      redis.call('SET', key, new, 'KEEPTTL')
-    else
-      redis.call('DEL', key)
-    end
-  end
+  write(now, k, r, news, {}, deadline)
 end
 
--- one decision: KEYS[k + 1 .. k + n], spec words from ARGV[a + 1]
-local function decide(op, now, cost, lease, k, n, a)
-  local pending = {}   -- key -> {state, expires}, applied in order, so a key named twice sees itself
-  local replies = { num(now) }
-  local blocked = false
-  for i = 1, n do
-    local base = a + (i - 1) * 5
-    local code = ARGV[base + 1]
-    local limit, window = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
-    local burst, enforce = tonumber(ARGV[base + 4]), ARGV[base + 5] == '1'
-    local key = KEYS[k + i]
-    local state
-    if pending[key] and not blocked then
-      state = pending[key][1]
-    else
-      -- after a denial, the specs still unanswered see the stored state: nothing is written
-      -- (GET, not one MGET: MGET reads a key of another type as empty, and the SET below
-      -- would then overwrite it; GET refuses)
-      state = redis.call('GET', key)
-    end
-    if state == false then state = nil end
-    local allowed, new, remaining, reset, retry, expires =
-      STEPS[code](state, now, limit, window, burst, cost, lease)
-    if allowed and not blocked then
-      pending[key] = { new, expires }
-    elseif not allowed and enforce then
-      blocked = true
-    end
-    local r = #replies  -- flat: a table per spec cost a fifth of the whole call
-    replies[r + 1] = allowed and 1 or 0
-    replies[r + 2] = remaining
-    replies[r + 3] = micros(reset)
-    replies[r + 4] = micros(retry)
-  end
-  if not blocked and op == 'apply' then
-    for key, item in pairs(pending) do
-      local ttl = math.ceil((item[2] - now) * 1000) + 1000
-      redis.call('SET', key, item[1], 'PX', ttl)
-    end
-  end
-  return replies
-end
-
-local function record(op, now, cost, lease, k, n, a)
+local function record(now, k, r)
+  local op = r[OP]
   if op == 'apply' or op == 'probe' then
-    return decide(op, now, cost, lease, k, n, a)
+    return decide(now, k, r, op == 'apply')
   elseif op == 'release' then
-    for i = 1, n do release(now, KEYS[k + i], lease) end
+    release(now, k, r)
   elseif op == 'refund' then
-    refund(now, cost, lease, k, n, a)
+    refund(now, k, r)
   else
     error('unknown operation ' .. tostring(op))
   end
@@ -338,12 +484,10 @@ end
 
 local server_now
 local replies = {}
-local k, a = 0, 0
-while a < #ARGV do
-  local op, at, cost, lease, n = ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]),
-    ARGV[a + 4], tonumber(ARGV[a + 5])
-  a = a + 5
-  local now = tonumber(at)
+local k = 0
+for a = 1, #ARGV do
+  local r = parse(ARGV[a])
+  local now = r[AT]
   if not now then
     if not server_now then
       local t = redis.call('TIME')
@@ -351,13 +495,12 @@ while a < #ARGV do
     end
     now = server_now
   end
-  local ok, reply = pcall(record, op, now, cost, lease, k, n, a)
+  local ok, reply = pcall(record, now, k, r)
   if not ok then
     if type(reply) == 'table' then reply = reply.err end
     reply = 'error: ' .. tostring(reply)
   end
-  replies[#replies + 1] = reply
-  k = k + n
-  if op ~= 'release' then a = a + 5 * n end
+  replies[a] = reply
+  k = k + r[M]
 end
 return replies

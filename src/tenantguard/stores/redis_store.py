@@ -82,14 +82,21 @@ def _table_part(table: str) -> str:
     return _part(table)
 
 
-def counter_key(tenant: str, table: str, key: str, *, scoped: bool) -> str:
-    """``tg:{tenant}:table[:key]``; counters not keyed by tenant tag by their own key."""
+def counter_key(tenant: str, table: str, key: str, *, scoped: bool) -> tuple[str, str]:
+    """Where a counter lives: ``(redis key, field)``.
+
+    A tenant's own counters (keyed by the tenant alone) are fields of one hash,
+    ``tg:{tenant}``, named by their table: one key per tenant to read, write and expire,
+    whatever the number of rules. Counters per client within a tenant have no bound on
+    their number, so each is a string key of its own (field ``""``) that expires alone:
+    ``tg:{tenant}:table:key``. Counters not keyed by tenant tag by their own key.
+    """
     if scoped:
         tag = _part(tenant)
-        name = _table_part(table)
-        return f"{_PREFIX}:{{{tag}}}:{name}" + ("" if key == tenant else f":{_part(key)}")
-    tag = "~" + _part(key)
-    return f"{_PREFIX}:{{{tag}}}:{_table_part(table)}"
+        if key == tenant:
+            return f"{_PREFIX}:{{{tag}}}", _table_part(table)
+        return f"{_PREFIX}:{{{tag}}}:{_table_part(table)}:{_part(key)}", ""
+    return f"{_PREFIX}:{{~{_part(key)}}}:{_table_part(table)}", ""
 
 
 def _tag(redis_key: str) -> str:
@@ -101,7 +108,10 @@ def _tag(redis_key: str) -> str:
 MAX_BATCH = 256
 # A large turn's calls go out as SPLIT batches on their own connections: the callers of
 # the first reply run (and queue their next checks) while Redis works on the second, so
-# the client and the server overlap instead of taking turns.
+# the client and the server overlap instead of taking turns. At most SPLIT batches are
+# in flight: calls made meanwhile wait for one to come back and then go out together, so
+# under load batches grow instead of multiplying (each batch costs a task, a write, a
+# read and a script call whatever its size).
 SPLIT = 2
 SPLIT_MIN = 8
 RELEARN_EVERY = 1.0  # seconds between cluster map refreshes after connection failures
@@ -138,11 +148,14 @@ class RedisCounters:
         self._sha: str | None = None
         self._queue: list[_Call] = []
         self._scheduled = False
+        self._queued_at = 0.0  # when the oldest queued call was made (loop time)
+        self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._node_options: dict[str, Any] = {}
         self._nodes: dict[str, Any] = {}  # cluster: a plain client per node, for pipelines
         self._owned: list[Any] = []  # other clients to close with this store (sentinels)
-        self._spec_words: dict[tuple[CounterSpec, ...], list[str]] = {}
+        self._routes: dict[int, _Route] = {}
+        self._hashes: dict[str, str] = {}  # tenant -> the key of its hash
         self._relearning = False
         self._relearned_at = -RELEARN_EVERY
 
@@ -212,20 +225,40 @@ class RedisCounters:
         now: float,
         tenant: str = "",
     ) -> list[Outcome]:
-        redis_keys = [
+        clock = "" if self._server_clock else repr(now)
+        if tenant and isinstance(specs, tuple) and keys.count(tenant) == len(keys):
+            # the common case, every counter keyed by the tenant alone: all of them are
+            # fields of the tenant's hash, and the route's words are the same every time
+            route = self._routes.get(id(specs))
+            if route is None or route[0] is not specs:
+                route = self._learn(specs)
+            if route[1]:
+                hashed = self._hashes.get(tenant)
+                if hashed is None:
+                    hashed = self._hash_of(tenant)
+                if clock or cost != 1 or lease:
+                    args = _head("apply", clock, cost, lease, 1, route[1])
+                else:
+                    args = route[2]
+                return _outcomes(await self._call([hashed], args))
+        places = [
             counter_key(tenant or key, spec[0], key, scoped=bool(tenant) and spec[6])
             for spec, key in zip(specs, keys, strict=True)
         ]
-        clock = "" if self._server_clock else repr(now)
-        if not self._cluster or len({_tag(key) for key in redis_keys}) == 1:
-            reply = await self._call(redis_keys, self._argv("apply", clock, cost, lease, specs))
-            return _outcomes(reply)
-        return await self._apply_across_slots(specs, redis_keys, cost, lease, clock)
+        redis_keys, words = _layout(specs, places)
+        if self._cluster and len({_tag(key) for key in redis_keys}) > 1:
+            return await self._apply_across_slots(specs, places, cost, lease, clock)
+        reply = await self._call(
+            redis_keys, _head("apply", clock, cost, lease, len(redis_keys), words)
+        )
+        return _outcomes(reply)
 
     async def release(self, table: str, key: str, lease: str, now: float, tenant: str = "") -> None:
-        redis_key = counter_key(tenant or key, table, key, scoped=bool(tenant))
+        place = counter_key(tenant or key, table, key, scoped=bool(tenant))
         clock = "" if self._server_clock else repr(now)
-        await self._call([redis_key], ["release", clock, "0", lease, "1"])
+        release = CounterSpec(table, "concurrency", 0.0, 0, 0, True)
+        redis_keys, words = _layout((release,), [place])
+        await self._call(redis_keys, _head("release", clock, 0, lease, 1, words))
 
     async def close(self) -> None:
         if self._tasks:
@@ -242,25 +275,31 @@ class RedisCounters:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _argv(
-        self, op: str, clock: str, cost: int, lease: str | None, specs: Sequence[CounterSpec]
-    ) -> list[str]:
-        # a route's specs are the same tuple on every check: format them once
-        words = self._spec_words.get(specs) if isinstance(specs, tuple) else None
-        if words is None:
-            words = []
-            for s in specs:
-                words += [_CODES[s[1]], str(s[3]), repr(s[2]), str(s[4]), "1" if s[5] else "0"]
-            if isinstance(specs, tuple):
-                if len(self._spec_words) >= 4096:
-                    self._spec_words.clear()
-                self._spec_words[specs] = words
-        return [op, clock, str(cost), lease or "", str(len(specs)), *words]
+    def _learn(self, specs: tuple[CounterSpec, ...]) -> _Route:
+        """A route's words when all its counters are the tenant's own (else empty), and
+        its whole record for the usual call (server clock, cost 1, no lease). Keyed by
+        the route's specs tuple itself, which the entry holds so its id stays its own:
+        hashing the specs' contents on every check would cost more than the words."""
+        words: list[str] = []
+        if all(spec.scoped for spec in specs):
+            words = _layout(specs, [("", _table_part(spec.table)) for spec in specs])[1]
+        route = (specs, words, _head("apply", "", 1, None, 1, words))
+        if len(self._routes) >= CACHED:
+            self._routes.clear()
+        self._routes[id(specs)] = route
+        return route
+
+    def _hash_of(self, tenant: str) -> str:
+        hashed = counter_key(tenant, "", tenant, scoped=True)[0]
+        if len(self._hashes) >= CACHED:
+            self._hashes.clear()
+        self._hashes[tenant] = hashed
+        return hashed
 
     async def _apply_across_slots(
         self,
         specs: Sequence[CounterSpec],
-        redis_keys: list[str],
+        places: list[tuple[str, str]],
         cost: int,
         lease: str | None,
         clock: str,
@@ -270,17 +309,17 @@ class RedisCounters:
         are refunded (a commutative give-back, exact even when other decisions wrote in
         between), so the decision counts nothing; the rest are answered without writing."""
         groups: dict[str, list[int]] = {}
-        for index, key in enumerate(redis_keys):
+        for index, (key, _field) in enumerate(places):
             groups.setdefault(_tag(key), []).append(index)
         outcomes: list[Outcome | None] = [None] * len(specs)
         taken: list[tuple[list[str], list[str]]] = []
         blocked = False
         try:
             for indices in groups.values():
-                keys = [redis_keys[i] for i in indices]
                 chosen = [specs[i] for i in indices]
+                keys, words = _layout(chosen, [places[i] for i in indices])
                 op = "probe" if blocked else "apply"
-                reply = await self._call(keys, self._argv(op, clock, cost, lease, chosen))
+                reply = await self._call(keys, _head(op, clock, cost, lease, len(keys), words))
                 answered = _outcomes(reply)
                 for i, outcome in zip(indices, answered, strict=True):
                     outcomes[i] = outcome
@@ -290,11 +329,11 @@ class RedisCounters:
                     blocked = True
                 else:
                     # refund what was counted (not shadow denials), at its own instant
-                    kept = [i for i, outcome in enumerate(answered) if outcome[0]]
-                    words = self._argv(
-                        "refund", str(reply[0]), cost, lease, [chosen[i] for i in kept]
-                    )
-                    taken.append(([keys[i] for i in kept], words))
+                    kept = [indices[j] for j, outcome in enumerate(answered) if outcome[0]]
+                    if kept:
+                        back, words = _layout([specs[i] for i in kept], [places[i] for i in kept])
+                        words = _head("refund", str(reply[0]), cost, lease, len(back), words)
+                        taken.append((back, words))
         except StoreError:
             # a later slot failed: the decision is made without the store, so what the
             # earlier slots counted must not stay counted either
@@ -308,9 +347,8 @@ class RedisCounters:
         """Refund each slot's share; best effort, since a slot that cannot be reached
         now cannot be refunded now either (its counts end with their window)."""
         for keys, words in taken:
-            if keys:
-                with contextlib.suppress(StoreError):
-                    await self._call(keys, words)
+            with contextlib.suppress(StoreError):
+                await self._call(keys, words)
 
     async def _call(self, keys: list[str], args: list[str]) -> Any:
         if not self.breaker.allow():
@@ -318,6 +356,8 @@ class RedisCounters:
             raise StoreError("counter store circuit is open after repeated failures")
         loop = asyncio.get_running_loop()
         call = _Call(keys, args, loop.create_future())
+        if not self._queue:
+            self._queued_at = loop.time()
         self._queue.append(call)
         if not self._scheduled:
             self._scheduled = True
@@ -325,22 +365,29 @@ class RedisCounters:
         return await call.future
 
     def _flush(self) -> None:
-        """Send every call queued during this loop turn as one batch."""
+        """Send the calls queued so far, as up to SPLIT batches, unless SPLIT batches are
+        in flight already (then the first to come back sends them)."""
         self._scheduled = False
+        free = SPLIT - self._in_flight
+        if free <= 0 or not self._queue:
+            return
         queued, self._queue = self._queue, []
-        parts = SPLIT if len(queued) >= SPLIT * SPLIT_MIN else 1
+        parts = min(free, SPLIT if len(queued) >= SPLIT * SPLIT_MIN else 1)
         size = -(-len(queued) // parts)
+        # a call's one timeout counts from when it was made, time queued included
+        deadline = self._queued_at + self._timeout
         loop = asyncio.get_running_loop()
         for start in range(0, len(queued), size):
             batch = queued[start : start + size]
-            task = loop.create_task(self._send(batch))
+            task = loop.create_task(self._send(batch, deadline))
+            self._in_flight += 1
             self._tasks.add(task)
             task.add_done_callback(partial(self._sent, batch))
 
-    async def _send(self, batch: list[_Call]) -> None:
+    async def _send(self, batch: list[_Call], deadline: float) -> None:
         try:
             # a timeout scope, not wait_for: no extra task per batch on the hot path
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout_at(deadline):
                 replies = await self._pipeline(batch)
         except Exception as error:
             self._fail(batch, error)
@@ -389,8 +436,13 @@ class RedisCounters:
         fail its calls here, or their checks would wait forever and a probe among them
         would never report to the breaker."""
         self._tasks.discard(task)
+        self._in_flight -= 1
         if task.cancelled():
             self._fail(batch, asyncio.CancelledError())
+        if self._queue and not self._scheduled:
+            # after the callers this reply woke have queued their next checks
+            self._scheduled = True
+            task.get_loop().call_soon(self._flush)
 
     def _outage(self, error: BaseException) -> None:
         """One failure for the breaker, one for the metric."""
@@ -518,6 +570,43 @@ class RedisCounters:
             else:
                 replies += [_record(item) for item in answer]
         return replies
+
+
+# a record's keys (the tenant's hash first, if any of its counters live there, then the
+# string keys) and its spec words (see counters.lua)
+_Layout = tuple[list[str], list[str]]
+# a route's specs, its words when every counter is the tenant's own, its usual record
+_Route = tuple[tuple[CounterSpec, ...], list[str], list[str]]
+CACHED = 65_536  # entries per cache (routes, tenants, spec words); a full one starts again
+_WORDS: dict[tuple[CounterSpec, str], str] = {}
+
+
+def _layout(specs: Sequence[CounterSpec], places: list[tuple[str, str]]) -> _Layout:
+    hashed = ""
+    strings: list[str] = []
+    words: list[str] = []
+    for spec, (key, field) in zip(specs, places, strict=True):
+        if field:
+            hashed = key
+        else:
+            strings.append(key)
+        word = _WORDS.get((spec, field))
+        if word is None:
+            if len(_WORDS) >= CACHED:
+                _WORDS.clear()
+            code = _CODES[spec.algorithm]
+            enforce = "1" if spec.enforce else "0"
+            word = f"{code}|{spec.limit}|{spec.window!r}|{spec.burst}|{enforce}|{field}"
+            _WORDS[(spec, field)] = word
+        words.append(word)
+    return ([hashed, *strings] if hashed else strings), words
+
+
+def _head(
+    op: str, clock: str, cost: int, lease: str | None, keys: int, words: list[str]
+) -> list[str]:
+    """A record: its head, then its spec words (naming ``keys`` keys), as one word."""
+    return [" ".join((f"{op}|{clock}|{cost}|{lease or ''}|{keys}", *words))]
 
 
 def _chunks(items: list[Any]) -> list[list[Any]]:
