@@ -536,9 +536,9 @@ async def _cross_guard(
     calls: list[int] = []
     original = store._call
 
-    async def counting(keys: list[str], args: list[str]) -> Any:
+    async def counting(keys: list[str], args: list[str], *, decided: bool = False) -> Any:
         calls.append(len(keys))
-        return await original(keys, args)
+        return await original(keys, args, decided=decided)
 
     monkeypatch.setattr(store, "_call", counting)
     return Guard(parse_policy(policy), counters=store, clock=Clock()), calls

@@ -8,7 +8,7 @@ call, and what keeps multi-rule checks exact under concurrency.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import NamedTuple, Protocol
 
 from tenantguard.algorithms import Outcome
@@ -36,7 +36,7 @@ class CounterSpec(NamedTuple):
 
 
 class CounterStore(Protocol):
-    async def apply(
+    def apply(
         self,
         specs: Sequence[CounterSpec],
         keys: Sequence[str],
@@ -44,11 +44,12 @@ class CounterStore(Protocol):
         lease: str | None,
         now: float,
         tenant: str = "",
-    ) -> list[Outcome]:
+    ) -> Awaitable[list[Outcome]]:
         """All-or-nothing: if any enforced spec denies, nothing is consumed.
 
         ``keys[i]`` is the counter key for ``specs[i]``; ``lease`` identifies the lease
-        that concurrency specs record; ``tenant`` is whom the decision is for.
+        that concurrency specs record; ``tenant`` is whom the decision is for. An
+        ``async def`` fits; a store may also hand back a future of its own.
         """
         ...
 

@@ -55,6 +55,22 @@ local function split(state)
   return {}
 end
 
+-- a state of exactly two numbers, or nils (the rate algorithms' hot path: no table)
+local function pair(state)
+  if not state then return nil, nil end
+  local a, b, c = unpack(state)
+  if c ~= nil then return nil, nil end
+  return a, b
+end
+
+-- a state of exactly three numbers, or nils
+local function triple(state)
+  if not state then return nil, nil, nil end
+  local a, b, c, d = unpack(state)
+  if d ~= nil then return nil, nil, nil end
+  return a, b, c
+end
+
 local function micros(x)
   if x == NEVER then return -1 end
   return math.floor(x * 1000000 + 0.5)
@@ -69,9 +85,9 @@ end
 local function fixed_window(state, now, limit, window, burst, cost)
   local start = now - math.fmod(now, window)
   local reset = start + window
-  local f = split(state)
+  local at, counted = pair(state)
   local used = 0
-  if #f == 2 and f[1] == start then used = f[2] end
+  if counted ~= nil and at == start then used = counted end
   if used + cost <= limit then
     return true, pack(start, used + cost), limit - used - cost, reset, 0, reset
   end
@@ -83,13 +99,12 @@ end
 local function sliding_window(state, now, limit, window, burst, cost)
   local start = now - math.fmod(now, window)
   local previous, current = 0, 0
-  local f = split(state)
-  if #f == 3 then
-    local at = f[1]
+  local at, before, now_count = triple(state)
+  if now_count ~= nil then
     if at == start then
-      previous, current = f[2], f[3]
+      previous, current = before, now_count
     elseif at == start - window then
-      previous = f[3]
+      previous = now_count
     end
   end
   local weight = 1.0 - (now - start) / window
@@ -115,8 +130,8 @@ local function token_bucket(state, now, limit, window, burst, cost)
   if limit <= 0 then return false, false, 0, now, NEVER, 0 end
   local rate = limit / window
   local wait = 0.0
-  local f = split(state)
-  if #f == 2 then wait = f[1] - (now - f[2]) end
+  local waited, at = pair(state)
+  if at ~= nil then wait = waited - (now - at) end
   if wait < 0.0 then wait = 0.0 end
   local tokens = burst - wait * rate
   if tokens + EARLY * rate >= cost then
@@ -136,8 +151,8 @@ local function gcra(state, now, limit, window, burst, cost)
   local interval = window / limit
   local tolerance = burst * interval
   local ahead = 0.0
-  local f = split(state)
-  if #f == 2 then ahead = f[1] - (now - f[2]) end
+  local was_ahead, at = pair(state)
+  if at ~= nil then ahead = was_ahead - (now - at) end
   if ahead < 0.0 then ahead = 0.0 end
   local new_ahead = ahead + cost * interval
   if new_ahead <= tolerance + EARLY then
