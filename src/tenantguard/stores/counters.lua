@@ -229,6 +229,7 @@ local HORIZON = 10  -- seconds a hash's TTL is set past what its counters need
 
 local records, specs = {}, {}  -- parsed words of this call
 
+-- a parsed spec: code, limit, window, burst, enforce, field (false: a string key), step
 local function spec(word)
   local s = specs[word]
   if s == nil then
@@ -236,7 +237,7 @@ local function spec(word)
       string.match(word, '^(%l)|([^|]*)|([^|]*)|([^|]*)|([01])|(.*)$')
     if not code or not STEPS[code] then error('malformed spec ' .. word) end
     s = { code, tonumber(limit), tonumber(window), tonumber(burst), enforce == '1',
-      field ~= '' and field }
+      field ~= '' and field, STEPS[code] }
     specs[word] = s
   end
   return s
@@ -393,7 +394,7 @@ local function decide(now, k, r, apply)
     end
     if state == false then state = nil end
     local allowed, new, remaining, reset, retry, expiry =
-      STEPS[s[1]](state, now, s[2], s[3], s[4], cost, lease)
+      s[7](state, now, s[2], s[3], s[4], cost, lease)
     if allowed and not blocked then
       news[i], expires[i] = new, expiry
     elseif not allowed and s[5] then

@@ -599,7 +599,8 @@ class RedisCounters:
             elif not isinstance(answer, list) or len(answer) != len(group):
                 raise RedisError(f"a batch of {len(group)} answered {str(answer)[:80]!r}")
             else:
-                replies += [_record(item) for item in answer]
+                # records answer lists; only texts may be a record's failure
+                replies += [_record(item) if item.__class__ is str else item for item in answer]
         return replies
 
 
@@ -686,9 +687,9 @@ def _outcomes(reply: list[Any]) -> list[Outcome]:
     state stays in Redis (``None`` here).
 
     Instants and waits arrive in whole microseconds; a wait of -1 means never."""
-    out: list[Outcome] = []
-    for index in range(1, len(reply), 4):
-        allowed, remaining, reset, retry = reply[index : index + 4]
-        wait = NEVER if retry == -1 else retry / 1e6
-        out.append((allowed == 1, None, remaining, reset / 1e6, wait))
-    return out
+    numbers = iter(reply)
+    next(numbers)  # the instant, for refunds
+    return [
+        (allowed == 1, None, remaining, reset / 1e6, NEVER if retry == -1 else retry / 1e6)
+        for allowed, remaining, reset, retry in zip(numbers, numbers, numbers, numbers, strict=True)
+    ]
