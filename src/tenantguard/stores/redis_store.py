@@ -686,7 +686,15 @@ def _outcomes(reply: list[Any]) -> list[Outcome]:
     """A record's flat reply (instant, then four numbers per spec) to outcome tuples; the
     state stays in Redis (``None`` here).
 
-    Instants and waits arrive in whole microseconds; a wait of -1 means never."""
+    Instants and waits arrive in whole microseconds; a wait of -1 means never. Two specs
+    (an endpoint rule and a tenant-wide one) are the usual route: unrolled, as this runs
+    once per decision."""
+    if len(reply) == 9:
+        _, a1, r1, s1, w1, a2, r2, s2, w2 = reply
+        return [
+            (a1 == 1, None, r1, s1 / 1e6, NEVER if w1 == -1 else w1 / 1e6),
+            (a2 == 1, None, r2, s2 / 1e6, NEVER if w2 == -1 else w2 / 1e6),
+        ]
     numbers = iter(reply)
     next(numbers)  # the instant, for refunds
     return [
