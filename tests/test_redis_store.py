@@ -330,16 +330,38 @@ async def test_every_key_has_a_ttl_within_its_state_lifetime(target: Target) -> 
 # --- 3. a flushed script is loaded again -----------------------------------------------
 
 
-async def test_script_flush_between_checks_reloads_the_script(target: Target) -> None:
+def _without_functions(target: Target) -> str:
+    """The target's URL as a user who may not load Redis functions (as on Redis 6): the
+    store then runs the counters as a script."""
+    with target.clients() as clients:
+        for client in clients:
+            client.acl_setuser(
+                "nofunc", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                commands=["+@all", "-function"], reset=True,
+            )  # fmt: skip
+    scheme, rest = target.url.split("://", 1)
+    return f"{scheme}://nofunc:pw@{rest}"
+
+
+@pytest.mark.parametrize("mode", ["function", "script"])
+async def test_flushed_counters_are_loaded_again(target: Target, mode: str) -> None:
+    """The counters run as a Redis function, or as a script for a user who may not load
+    one; either way a server that forgot them (a restart without persistence, a flush)
+    gets them again, on every node, and no check notices."""
     policy = parse_policy(ESCAPE_POLICY)
+    url = target.url if mode == "function" else _without_functions(target)
+    store = RedisCounters.from_url(url + OPTIONS)
     tenants = [f"tenant-{i}" for i in range(12)]  # spread over every cluster node
-    async with Guard(policy, counters=target.store(), clock=Clock()) as guard:
+    async with Guard(policy, counters=store, clock=Clock()) as guard:
         for tenant in tenants:
             first = await guard.check(tenant, "GET", "/api/x", client="c1")
             assert (first.allowed, first.degraded, first.remaining) == (True, False, 4)
+        assert store._command is not None
+        assert store._command[0] == ("FCALL" if mode == "function" else "EVALSHA")
         with target.clients() as clients:
             for client in clients:
                 client.script_flush()
+                client.function_flush()
         for tenant in tenants:
             second = await guard.check(tenant, "GET", "/api/x", client="c1")
             assert (second.allowed, second.degraded, second.remaining) == (True, False, 3)
@@ -347,8 +369,11 @@ async def test_script_flush_between_checks_reloads_the_script(target: Target) ->
             *(guard.check(tenant, "GET", "/api/x", client="c1") for tenant in tenants)
         )
         assert [(d.allowed, d.degraded, d.remaining) for d in third] == [(True, False, 2)] * 12
-    # every node held some of these keys, so every node had to load the script again
+    # every node held some of these keys, so every node had to load the counters again
     assert set(target.scan().values()) == set(range(len(target.nodes)))
+    with target.clients() as clients:
+        for client in clients:
+            client.acl_deluser("nofunc")
 
 
 # --- 4. concurrent calls share script calls ---------------------------------------------
@@ -923,3 +948,35 @@ async def test_cluster_relearns_its_map_when_a_node_stops_answering() -> None:
             assert store.breaker.state == "closed"
         finally:
             await store.close()
+
+
+async def test_a_cluster_behind_a_password_is_reached_on_every_node(cluster: Target) -> None:
+    """The store pipelines to each cluster node through a client of its own: those must
+    log in as the URL says, like the cluster client does, or every batch would fail."""
+    with cluster.clients() as clients:
+        for client in clients:
+            client.acl_setuser(
+                "tgadmin", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                commands=["+@all"], reset=True,
+            )  # fmt: skip
+            client.acl_setuser("default", enabled=False)  # no one gets in without the password
+    try:
+        scheme, rest = cluster.url.split("://", 1)
+        store = RedisCounters.from_url(f"{scheme}://tgadmin:pw@{rest}{OPTIONS}")
+        spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 10, 10, True)
+        try:
+            tenants = [f"t{i}" for i in range(12)]  # spread over every node
+            outcomes = await asyncio.gather(
+                *(store.apply((spec,), [t], 1, None, T, t) for t in tenants)
+            )
+            assert [outcome[0][:3] for outcome in outcomes] == [(True, None, 9)] * 12
+        finally:
+            await store.close()
+    finally:
+        for node in cluster.nodes:
+            with redis.Redis(port=node.port, username="tgadmin", password="pw") as client:
+                client.acl_setuser(
+                    "default", enabled=True, nopass=True, keys=["*"], channels=["*"],
+                    commands=["+@all"], reset=True,
+                )  # fmt: skip
+                client.acl_deluser("tgadmin")

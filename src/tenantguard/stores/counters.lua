@@ -37,6 +37,20 @@
 --   f: start, used   s: start, previous, current   t, g: wait, at
 --   c: id, expires, cost, id, expires, cost, ...
 
+-- How it runs. As a Redis function (Redis 7+, FUNCTION LOAD): this file is loaded once
+-- and `run` is registered under a name of its version, so what is parsed stays parsed
+-- from one call to the next. Loading sees no standard library yet: nothing below touches
+-- a global before `run` is called. As a script (EVALSHA, Redis 6, or no FUNCTION
+-- permission): every call runs the file, then `return run(script_inputs())`.
+
+-- EVAL's globals; defined before the locals of the same names below, which it would
+-- otherwise mean
+local function script_inputs() return KEYS, ARGV end
+local function libraries() return unpack, cmsgpack.pack, cmsgpack.unpack end
+
+local KEYS, ARGV  -- this call's keys and records
+local unpack_table, pack, unpack  -- Lua 5.1's table unpack; MessagePack's pair
+
 local EPSILON = 1e-9
 local EARLY = 1e-6
 local NEVER = 1 / 0
@@ -46,9 +60,6 @@ local function num(x)
   if x ~= formatted_x then formatted_x, formatted = x, string.format('%.17g', x) end
   return formatted
 end
-
-local unpack_table = unpack  -- Lua 5.1's global: a table's items as values
-local pack, unpack = cmsgpack.pack, cmsgpack.unpack
 
 local function split(state)
   if state then return { unpack(state) } end
@@ -227,7 +238,10 @@ local STEPS = { f = fixed_window, s = sliding_window, t = token_bucket, g = gcra
 local TTL = ':ttl'  -- encoded table names never hold ':', so no counter is called this
 local HORIZON = 10  -- seconds a hash's TTL is set past what its counters need
 
-local records, specs = {}, {}  -- parsed words of this call
+-- parsed words, kept from call to call as a function (per call as a script); a record
+-- with its own instant or lease is one of a kind and not kept
+local records, specs, kept = {}, {}, 0
+local KEEP = 4096  -- parsed words kept at most; then they are parsed afresh
 
 -- a parsed spec: code, limit, window, burst, enforce, field (false: a string key), step
 local function spec(word)
@@ -239,6 +253,7 @@ local function spec(word)
     s = { code, tonumber(limit), tonumber(window), tonumber(burst), enforce == '1',
       field ~= '' and field, STEPS[code] }
     specs[word] = s
+    kept = kept + 1
   end
   return s
 end
@@ -281,7 +296,10 @@ local function parse(word)
   end
   if #fields == 1 then fields = false end
   r = { op, tonumber(at), tonumber(cost), lease, #rec, m, rec, slots, fields, at_field, twice }
-  records[word] = r
+  if at == '' and lease == '' then
+    records[word] = r
+    kept = kept + 1
+  end
   return r
 end
 
@@ -498,25 +516,30 @@ local function record(now, k, r)
   return num(now)
 end
 
-local server_now
-local replies = {}
-local k = 0
-for a = 1, #ARGV do
-  local r = parse(ARGV[a])
-  local now = r[AT]
-  if not now then
-    if not server_now then
-      local t = redis.call('TIME')
-      server_now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function run(keys, args)
+  KEYS, ARGV = keys, args
+  if not pack then unpack_table, pack, unpack = libraries() end
+  if kept > KEEP then records, specs, kept = {}, {}, 0 end
+  local server_now
+  local replies = {}
+  local k = 0
+  for a = 1, #ARGV do
+    local r = parse(ARGV[a])
+    local now = r[AT]
+    if not now then
+      if not server_now then
+        local t = redis.call('TIME')
+        server_now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+      end
+      now = server_now
     end
-    now = server_now
+    local ok, reply = pcall(record, now, k, r)
+    if not ok then
+      if type(reply) == 'table' then reply = reply.err end
+      reply = 'error: ' .. tostring(reply)
+    end
+    replies[a] = reply
+    k = k + r[M]
   end
-  local ok, reply = pcall(record, now, k, r)
-  if not ok then
-    if type(reply) == 'table' then reply = reply.err end
-    reply = 'error: ' .. tostring(reply)
-  end
-  replies[a] = reply
-  k = k + r[M]
+  return replies
 end
-return replies

@@ -1,6 +1,7 @@
 """Counters in Redis, Redis Cluster or a Sentinel-managed Redis.
 
-Every decision is one record of a script call (EVALSHA of ``counters.lua``, which ports
+Every decision is one record of a call of ``counters.lua`` (a Redis function, or a script
+where the server has none), which ports
 the pure algorithms line for line): all of a decision's keys carry the same ``{hash
 tag}``, the tenant's, so they share a cluster slot and the script can touch them all
 atomically. Concurrent decisions from one process are gathered per event-loop turn into
@@ -20,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
 from collections.abc import Awaitable, Sequence
 from functools import lru_cache, partial
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
 
 from hiredis import pack_command
 from redis import asyncio as aioredis
@@ -54,7 +56,14 @@ from tenantguard.stores._breaker import CircuitBreaker
 
 __all__ = ["RedisCounters", "counter_key"]
 
-SCRIPT = resources.files("tenantguard.stores").joinpath("counters.lua").read_text()
+_SOURCE = resources.files("tenantguard.stores").joinpath("counters.lua").read_text()
+# As a Redis function (Redis 7+): loaded once, what it parses stays parsed between calls.
+# The name carries the version, so replicas running two versions (a rolling upgrade)
+# each call their own, and none replaces the other's.
+FUNCTION = "tenantguard_" + hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
+LIBRARY = f"#!lua name={FUNCTION}\n{_SOURCE}\nredis.register_function('{FUNCTION}', run)\n"
+# As a script, where functions are not to be had (Redis 6, no FUNCTION permission)
+SCRIPT = f"{_SOURCE}\nreturn run(script_inputs())\n"
 _CODES = {
     "fixed-window": "f",
     "sliding-window": "s",
@@ -149,7 +158,8 @@ class RedisCounters:
         self._timeout = timeout
         self._server_clock = server_clock
         self.breaker = breaker or CircuitBreaker()
-        self._sha: str | None = None
+        # how records are sent: ("FCALL", FUNCTION) or ("EVALSHA", sha); None until loaded
+        self._command: tuple[str, str] | None = None
         self._queue: list[_Call] = []
         self._scheduled = False
         self._queued_at = 0.0  # when the oldest queued call was made (loop time)
@@ -214,7 +224,13 @@ class RedisCounters:
         store = cls(
             client, cluster=cluster, timeout=timeout, server_clock=clock == "server", **options
         )
-        store._node_options = {**common, "ssl": scheme.startswith("rediss")}
+        # a cluster's pipelines go to each node through a client of its own: with the
+        # credentials of the URL, as the cluster client's own connections have them
+        credentials = {
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password else None,
+        }
+        store._node_options = {**common, **credentials, "ssl": scheme.startswith("rediss")}
         store._owned = extras
         return store
 
@@ -488,13 +504,14 @@ class RedisCounters:
             _settle(call, error, f"counter store failed: {error!r}")
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        if self._sha is None:
-            self._sha = await self._load()
+        if self._command is None:
+            self._command = await self._load()
         replies = await self._execute(batch)
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        missing = [i for i, reply in enumerate(replies) if _forgotten(reply)]
         if missing:
-            # a restart or failover forgot the script: load it again, resend those calls
-            self._sha = await self._load()
+            # a restart (without persistence), a failover or a flush forgot the function or
+            # the script: load it again, resend those calls
+            self._command = await self._load()
             again = await self._execute([batch[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
@@ -502,10 +519,25 @@ class RedisCounters:
             raise RedisError(f"{len(replies)} replies to a pipeline of {len(batch)}")
         return replies
 
-    async def _load(self) -> str:
+    async def _load(self) -> tuple[str, str]:
+        """Load the counters as a function if the server has them, else as a script."""
+        try:
+            await self._client.function_load(LIBRARY, replace=True)
+        except ReadOnlyError:
+            # a replica, such as a demoted master: drop its connections, so the next ones
+            # ask Sentinel (or DNS) where the master is now
+            if not self._cluster:
+                await self._client.connection_pool.disconnect()
+            raise
+        except ResponseError as error:
+            if not _NO_FUNCTIONS.search(str(error)):
+                raise
+        else:
+            return "FCALL", FUNCTION
         loaded = await self._client.script_load(SCRIPT)
         # a cluster loads it on every primary and may answer per node
-        return str(next(iter(loaded.values())) if isinstance(loaded, dict) else loaded)
+        sha = next(iter(loaded.values())) if isinstance(loaded, dict) else loaded
+        return "EVALSHA", str(sha)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         """One reply per call: the record's answer or the exception that stopped it."""
@@ -547,9 +579,10 @@ class RedisCounters:
             await self._client.nodes_manager.initialize()
             for i in moved:
                 call = batch[i]
+                command = self._command or ("FCALL", FUNCTION)
                 try:
-                    answer = await self._client.evalsha(
-                        self._sha, len(call.keys), *call.keys, *call.args
+                    answer = await self._client.execute_command(
+                        *command, len(call.keys), *call.keys, *call.args
                     )
                     replies[i] = _record(answer[0])
                 except ResponseError as error:
@@ -570,7 +603,7 @@ class RedisCounters:
                 keys += call.keys
                 args += call.args
             # hiredis's stub types the tuple as one item; any length is accepted
-            command: Any = ("EVALSHA", self._sha or "", len(keys), *keys, *args)
+            command: Any = (*(self._command or ("FCALL", FUNCTION)), len(keys), *keys, *args)
             packed.append(pack_command(command))
         pool = client.connection_pool
         connection = await pool.get_connection()
@@ -658,6 +691,17 @@ def _settle(call: _Call, cause: BaseException, message: str) -> None:
         error = StoreError(message)
         error.__cause__ = cause
         call.future.set_exception(error)
+
+
+# FUNCTION LOAD refused: an older server, or a user without the permission
+_NO_FUNCTIONS = re.compile(r"unknown command|unknown subcommand|NOPERM|no permissions", re.IGNORECASE)
+
+
+def _forgotten(reply: Any) -> bool:
+    """Did the server answer that it does not know the function or the script?"""
+    return isinstance(reply, NoScriptError) or (
+        isinstance(reply, ResponseError) and "Function not found" in str(reply)
+    )
 
 
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
