@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing
 from pathlib import Path
@@ -244,6 +245,29 @@ def test_sqlite_writes_begin_immediate(tmp_path: Path) -> None:
         raw.close()
     assert statements[0] == "BEGIN IMMEDIATE"
     asyncio.run(ledger.close())
+
+
+def test_sqlite_switching_a_fresh_file_to_wal_waits_for_the_write_lock(tmp_path: Path) -> None:
+    """Opening a fresh file switches it to WAL, upgrading a read lock to the write lock:
+    SQLite refuses that at once while another connection writes, whatever busy_timeout
+    says (replicas opening one fresh database at once meet this). The opener waits
+    busy_timeout for it all the same, and gets it when the writer finishes."""
+    path = tmp_path / "fresh.db"
+    url = f"sqlite:///{path}"
+    with closing(sqlite3.connect(path, isolation_level=None, check_same_thread=False)) as writer:
+        writer.execute("BEGIN IMMEDIATE")  # the write lock of a file still in rollback mode
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="database is locked"):
+            SqlLedger(url, busy_timeout=0.25)
+        assert time.monotonic() - started >= 0.25
+        finish = threading.Timer(0.25, writer.execute, ["COMMIT"])
+        finish.start()
+        ledger = SqlLedger(url, busy_timeout=30)
+        finish.join()
+    with ledger.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    asyncio.run(ledger.close())
+    assert _versions(url) == list(range(1, len(MIGRATIONS) + 1))
 
 
 # --- several processes ------------------------------------------------------------------

@@ -14,13 +14,18 @@ re-evaluates its condition against the row as committed, so no cap is ever cross
 SQLite runs in WAL mode with ``synchronous=FULL`` (every acknowledged change is on disk
 before the call returns) and starts every write transaction with ``BEGIN IMMEDIATE``: a
 writer takes the write lock up front and waits ``busy_timeout`` for it, rather than
-reading first and failing (``SQLITE_BUSY``) when it tries to upgrade.
+reading first and failing (``SQLITE_BUSY``) when it tries to upgrade. Switching a fresh
+file to WAL is such an upgrade that cannot begin IMMEDIATE, so ``_enter_wal`` does the
+waiting for it (replicas opening one new database at once all try to switch it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from types import MappingProxyType
@@ -483,7 +488,7 @@ def _sqlite_transactions(engine: sa.Engine, busy_timeout: float) -> None:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {round(busy_timeout * 1000)}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _enter_wal(cursor, busy_timeout)
             cursor.execute("PRAGMA synchronous = FULL")
         finally:
             cursor.close()
@@ -492,6 +497,37 @@ def _sqlite_transactions(engine: sa.Engine, busy_timeout: float) -> None:
     def begin(conn: sa.Connection) -> None:
         read_only = conn.get_execution_options().get(_READ_ONLY, False)
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+_WAL_PAUSES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+"""Seconds between attempts to switch to WAL; the last one repeats until the timeout."""
+
+
+def _enter_wal(cursor: sqlite3.Cursor, busy_timeout: float) -> None:
+    """Switch the database to WAL, waiting up to ``busy_timeout`` for other connections.
+
+    On a file not yet in WAL (a fresh one), ``PRAGMA journal_mode = WAL`` reads page 1
+    under a shared lock, then upgrades to a write lock to mark the file WAL. SQLite never
+    calls the busy handler for an upgrade from a lock already held (two upgraders waiting
+    on each other would deadlock), so ``busy_timeout`` does not cover it: while another
+    connection holds the write lock, as when several replicas open one fresh database at
+    once and all switch it, the pragma fails at once with ``SQLITE_BUSY`` ("database is
+    locked"). Nor can it begin IMMEDIATE: the journal mode cannot change inside a
+    transaction. So the waiting is done here: the failed pragma has released its shared
+    lock, and it is retried until it succeeds or ``busy_timeout`` has passed. On a file
+    already in WAL the pragma writes nothing and cannot meet this.
+    """
+    deadline = time.monotonic() + busy_timeout
+    for attempt in itertools.count():
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as error:
+            left = deadline - time.monotonic()
+            if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or left <= 0:
+                raise
+            time.sleep(min(_WAL_PAUSES[min(attempt, len(_WAL_PAUSES) - 1)], left))
+        else:
+            return
 
 
 # --- rows and records -----------------------------------------------------------------
