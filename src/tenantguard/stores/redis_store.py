@@ -1,14 +1,14 @@
 """Counters in Redis, Redis Cluster or a Sentinel-managed Redis.
 
 Every decision is one record of a call of ``counters.lua`` (a Redis function, or a script
-where the server has none), which ports
-the pure algorithms line for line): all of a decision's keys carry the same ``{hash
-tag}``, the tenant's, so they share a cluster slot and the script can touch them all
-atomically. Concurrent decisions from one process are gathered per event-loop turn into
-one script call (on a cluster: one per slot, pipelined per node), so throughput grows
-with concurrency: the round trip, the command and the script's set-up are paid once per
-batch instead of once per check. A circuit breaker stops waiting on a dead server and probes for its
-return; every failure surfaces as ``StoreError`` for the guard to handle by policy.
+where the server allows none), which ports the pure algorithms line for line. All of a
+decision's keys carry the tenant's ``{hash tag}``, so they share a cluster slot and one
+call can touch them atomically; the tenant's own counters are the fields of one hash.
+Concurrent decisions from one process are gathered into one call (on a cluster: one per
+slot, pipelined per node), so throughput grows with concurrency: the round trip, the
+command and the call's set-up are paid once per batch instead of once per check. A
+circuit breaker stops waiting on a dead server and probes for its return; every failure
+surfaces as ``StoreError`` for the guard to handle by policy.
 
 URLs: ``redis://host:port/db``, ``rediss://…`` (TLS), ``redis+cluster://host:port`` (any
 seed node), ``redis+sentinel://host:port[,host:port]/service[/db]``. Query options:
@@ -434,7 +434,11 @@ class RedisCounters:
             if self._cluster and isinstance(error, _UNREACHABLE):
                 self._relearn_slots()
             return
-        unready = [r for r in replies if isinstance(r, ResponseError) and _unready(r)]
+        unready = [
+            r
+            for r in replies
+            if r.__class__ is not list and isinstance(r, ResponseError) and _unready(r)
+        ]
         if unready:
             # the server answers but cannot serve (loading, a replica after failover,
             # cluster down): an outage for the breaker, not a success. The calls it did
@@ -507,7 +511,11 @@ class RedisCounters:
         if self._command is None:
             self._command = await self._load()
         replies = await self._execute(batch)
-        missing = [i for i, reply in enumerate(replies) if _forgotten(reply)]
+        missing = [
+            i
+            for i, reply in enumerate(replies)
+            if reply.__class__ is not list and _forgotten(reply)
+        ]
         if missing:
             # a restart (without persistence), a failover or a flush forgot the function or
             # the script: load it again, resend those calls
@@ -694,7 +702,9 @@ def _settle(call: _Call, cause: BaseException, message: str) -> None:
 
 
 # FUNCTION LOAD refused: an older server, or a user without the permission
-_NO_FUNCTIONS = re.compile(r"unknown command|unknown subcommand|NOPERM|no permissions", re.IGNORECASE)
+_NO_FUNCTIONS = re.compile(
+    r"unknown command|unknown subcommand|NOPERM|no permissions", re.IGNORECASE
+)
 
 
 def _forgotten(reply: Any) -> bool:
