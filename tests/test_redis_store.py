@@ -980,3 +980,52 @@ async def test_a_cluster_behind_a_password_is_reached_on_every_node(cluster: Tar
                     commands=["+@all"], reset=True,
                 )  # fmt: skip
                 client.acl_deluser("tgadmin")
+
+
+async def test_close_answers_the_calls_still_queued(single: Target) -> None:
+    """Calls queued behind the batches in flight are sent and answered before the store
+    closes its connections: none is left waiting."""
+    store = single.store()
+    spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 1000, 1000, True)
+    pending = [
+        asyncio.ensure_future(store.apply((spec,), [f"t{i}"], 1, None, T, f"t{i}"))
+        for i in range(SPLIT * 3)
+    ]
+    await asyncio.sleep(0)  # the first turn: SPLIT batches go out, the rest wait
+    more = [store.apply((spec,), ["late"], 1, None, T, "late") for _ in range(5)]
+    await store.close()
+    outcomes = await asyncio.gather(*pending, *more)
+    assert [outcome[0][0] for outcome in outcomes] == [True] * len(outcomes)
+
+
+async def test_under_load_batches_grow_instead_of_multiplying(single: Target) -> None:
+    """At most SPLIT batches are in flight; checks made meanwhile wait and go out
+    together, so a hundred busy callers send batches of dozens, not one per turn."""
+    store = single.store()
+    live, peak, sizes = [0], [0], []
+    original = store._send_groups
+
+    async def counting(client: Any, groups: list[list[Any]]) -> list[Any]:
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        sizes.append(sum(len(group) for group in groups))
+        try:
+            return await original(client, groups)
+        finally:
+            live[0] -= 1
+
+    store._send_groups = counting  # type: ignore[method-assign]
+    spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 1000, 1000, True)
+
+    async def caller(tenant: str) -> None:
+        for _ in range(20):
+            outcome = await store.apply((spec,), [tenant], 1, None, T, tenant)
+            assert outcome[0][0]
+
+    try:
+        await asyncio.gather(*(caller(f"t{i}") for i in range(100)))
+    finally:
+        await store.close()
+    assert peak[0] == SPLIT
+    assert sum(sizes) == 2000
+    assert sum(sizes) / len(sizes) >= 25, sizes

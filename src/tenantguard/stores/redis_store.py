@@ -293,7 +293,11 @@ class RedisCounters:
         await self._call(redis_keys, _head("release", clock, 0, lease, 1, words))
 
     async def close(self) -> None:
-        if self._tasks:
+        # calls still queued behind the batches in flight go out when those come back:
+        # answer them all before the connections close
+        while self._tasks or self._queue:
+            if self._queue and self._in_flight < SPLIT:
+                self._flush()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for other in (*self._nodes.values(), *self._owned):
             await other.aclose()
