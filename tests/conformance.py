@@ -373,6 +373,15 @@ async def all_or_nothing_same_counter_twice(store: CounterStore) -> None:
     await admits(store, counter, "acme", T + 2, 20, want=10)
 
 
+async def same_counter_twice_counts_twice(store: CounterStore) -> None:
+    """A call naming one counter twice, admitted, counts it twice: the second spec sees
+    what the first took."""
+    counter = spec("twice", "fixed-window", 60.0, 10)
+    outcomes = await apply_all(store, [counter, counter], "acme", T)
+    assert [outcome[2] for outcome in outcomes] == [9, 8]
+    expect(await one(store, counter, "acme", T + 1), True, 7, T + 60, 0.0, "after")
+
+
 async def shadow_does_not_block(store: CounterStore) -> None:
     """A shadow spec's denial is reported, blocks nothing, and is not itself consumed."""
     enforced = spec("enforced", "fixed-window", 60.0, 5)
@@ -586,6 +595,7 @@ SCENARIOS: list[tuple[str, Scenario]] = [
     ("cost-above-limit-never", cost_above_limit_never),
     ("all-or-nothing", all_or_nothing),
     ("all-or-nothing-same-counter-twice", all_or_nothing_same_counter_twice),
+    ("same-counter-twice-counts-twice", same_counter_twice_counts_twice),
     ("shadow-does-not-block", shadow_does_not_block),
     ("keys-independent", keys_independent),
     ("keys-do-not-collide", keys_do_not_collide),

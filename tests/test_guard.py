@@ -210,6 +210,11 @@ async def test_concurrency_leases_release_and_expire() -> None:
     assert (await guard.check("acme", "POST", "/export")).allowed
     with pytest.raises(UnknownLeaseError):
         await guard.release("garbage")
+    # a token whose id is not one tenantguard makes (spaces, "|") is not a lease either
+    body = fourth.lease.partition(".")[2] if fourth.lease else ""
+    for forged in ("x|1 c|0|0|0|1|zz", "a b", "short"):
+        with pytest.raises(UnknownLeaseError):
+            await guard.release(f"{forged}.{body}")
 
 
 async def test_okta_headers() -> None:

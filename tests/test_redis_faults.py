@@ -396,3 +396,52 @@ async def test_a_read_only_replica_counts_as_an_outage(server: RedisServer, url:
             await rig.guard.close()
     assert all(decision.degraded and decision.allowed for decision in decisions)
     assert rig.breaker.state == "open"
+
+
+async def test_a_master_demoted_after_loading_drops_its_connections(
+    server: RedisServer, url: str
+) -> None:
+    """A master that becomes a replica (a failover behind DNS) refuses the whole call of
+    a function that writes: that is an outage, and the connection is dropped so the next
+    one can find the new master."""
+    rig = Rig(url, "allow")
+    try:
+        assert not (await rig.guard.check("acme", "GET", "/api/x")).degraded
+        with RedisServer() as other, server.client() as client:
+            client.replicaof("127.0.0.1", other.port)
+            try:
+                decision = await rig.guard.check("acme", "GET", "/api/x")
+                assert decision.degraded
+                assert decision.allowed
+                pool = rig.store._client.connection_pool
+                assert pool._available_connections, "a connection was used"
+                assert not any(c.is_connected for c in pool._available_connections)
+            finally:
+                client.replicaof("no", "one")
+    finally:
+        await rig.guard.close()
+
+
+async def test_a_release_runs_when_redis_is_out_of_memory(server: RedisServer, url: str) -> None:
+    """With maxmemory reached and noeviction, new counts are refused (degraded), but a
+    release only gives back, so it still frees its lease."""
+    rig = Rig(url, "deny")
+    try:
+        held = [await rig.guard.check("acme", "GET", "/export") for _ in range(2)]
+        assert [d.allowed for d in held] == [True, True]
+        assert not (await rig.guard.check("acme", "GET", "/export")).allowed
+        with server.client() as client:
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", "1")
+            try:
+                refused = await rig.guard.check("acme", "GET", "/export")
+                assert refused.degraded
+                assert not refused.allowed
+                await rig.guard.release(held[0].lease)
+            finally:
+                client.config_set("maxmemory", "0")
+        after = await rig.guard.check("acme", "GET", "/export")
+        assert after.allowed
+        assert not after.degraded
+    finally:
+        await rig.guard.close()

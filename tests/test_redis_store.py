@@ -561,9 +561,11 @@ async def _cross_guard(
     calls: list[int] = []
     original = store._call
 
-    async def counting(keys: list[str], args: list[str], *, decided: bool = False) -> Any:
+    async def counting(
+        keys: list[str], args: list[str], *, decided: bool = False, frees: bool = False
+    ) -> Any:
         calls.append(len(keys))
-        return await original(keys, args, decided=decided)
+        return await original(keys, args, decided=decided, frees=frees)
 
     monkeypatch.setattr(store, "_call", counting)
     return Guard(parse_policy(policy), counters=store, clock=Clock()), calls
@@ -746,12 +748,12 @@ async def test_rediss_urls_pick_tls_without_connecting() -> None:
         assert isinstance(plain, RedisCounters)
         assert single._client.connection_pool.connection_class is SSLConnection
         assert single._timeout == 0.5
-        assert single._node_options["ssl"] is True
         kwargs = cluster._client.nodes_manager.connection_kwargs
         assert kwargs["connection_class"] is SSLConnection
-        assert cluster._node_options["ssl"] is True  # the per-node pipelines use TLS too
+        node = cluster._node_client("127.0.0.1", 2)  # the per-node pipelines use TLS too
+        assert node.connection_pool.connection_class is SSLConnection
+        await node.aclose()
         assert plain._client.connection_pool.connection_class is not SSLConnection
-        assert plain._node_options["ssl"] is False
     finally:
         for store in (single, cluster, plain):
             await store.close()
@@ -1029,3 +1031,56 @@ async def test_under_load_batches_grow_instead_of_multiplying(single: Target) ->
     assert peak[0] == SPLIT
     assert sum(sizes) == 2000
     assert sum(sizes) / len(sizes) >= 25, sizes
+
+
+async def test_a_lease_cannot_reshape_its_record(single: Target) -> None:
+    """A lease id travels inside a record's word: whatever it holds (spaces, "|", the
+    text of other specs), it stays one lease, and the other decisions of the same batch
+    count where they belong."""
+    store = single.store()
+    spec = CounterSpec("api|fixed-window|60", "fixed-window", 60.0, 2, 2, True)
+    lease_spec = "c|0|0.0|0|1|api%7Cfixed-window%7C60"
+    try:
+        assert (await store.apply((spec,), ["alice"], 1, None, T, "alice"))[0][2] == 1
+        crafted = [f"x|1 {lease_spec} {lease_spec}", "x|2 c|0|0|0|1|zz", "a b", "|||"]
+
+        async def count(tenant: str) -> int:
+            return (await store.apply((spec,), [tenant], 1, None, T, tenant))[0][2]
+
+        # tasks started in one turn: their records go out in one batch
+        releases = [
+            asyncio.ensure_future(store.release("p|concurrency|30", "dave", lease, T, "dave"))
+            for lease in crafted
+        ]
+        counts = [asyncio.ensure_future(count(tenant)) for tenant in ("carol", "alice")]
+        await asyncio.gather(*releases)
+        # nothing was reset or counted elsewhere
+        assert [await counted for counted in counts] == [1, 0]
+        with single.clients() as (client,):
+            assert client.exists("tg:{carol}") == 1
+    finally:
+        await store.close()
+
+
+async def test_a_tenant_hash_lives_as_long_as_its_latest_writer_needs(single: Target) -> None:
+    """With clock=local, writers may disagree on the time: the hash's TTL is kept on the
+    server's clock, so a writer whose clock runs behind still gets the lifetime its own
+    counter needs."""
+    spec = CounterSpec("slow|fixed-window|60", "fixed-window", 60.0, 2, 2, True)
+    ahead, behind = single.store(), single.store()
+    try:
+        # one window [T, T + 60): ahead sees it end 1 s after its now, behind 59 s after
+        assert (await ahead.apply((spec,), ["acme"], 1, None, T + 59.0, "acme"))[0][0]
+        assert (await behind.apply((spec,), ["acme"], 1, None, T + 1.0, "acme"))[0][0]
+        with single.clients() as (client,):
+            # behind's counter matters 59 s more (plus a second): its write extended the TTL
+            assert client.pttl("tg:{acme}") >= 59_000
+    finally:
+        await ahead.close()
+        await behind.close()
+
+
+def test_a_sentinel_url_logs_in_to_the_master_with_its_credentials() -> None:
+    store = RedisCounters.from_url("redis+sentinel://tg%40ops:p%3Ass@127.0.0.1:1/primary")
+    kwargs = store._client.connection_pool.connection_kwargs
+    assert (kwargs["username"], kwargs["password"]) == ("tg@ops", "p:ss")

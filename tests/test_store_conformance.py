@@ -7,13 +7,14 @@ empty store. Test ids read ``<backend>-<scenario>``, e.g. ``memory-fixed-window-
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
 
 from conformance import SCENARIOS, Scenario
-from tenantguard.stores import CounterStore, MemoryCounters, open_counters
+from tenantguard.algorithms import Outcome
+from tenantguard.stores import CounterSpec, CounterStore, MemoryCounters, open_counters
 
 
 @asynccontextmanager
@@ -46,12 +47,49 @@ async def _cluster(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore
         await store.close()
 
 
+class _AsTenant:
+    """Passes each call's key as its tenant, as the guard does for a rule keyed by the
+    tenant alone: on Redis those counters are then the fields of the tenant's hash, where
+    without a tenant each is a key of its own. Same scenarios, the other layout."""
+
+    def __init__(self, inner: CounterStore) -> None:
+        self.inner = inner
+
+    def apply(
+        self,
+        specs: Sequence[CounterSpec],
+        keys: Sequence[str],
+        cost: int,
+        lease: str | None,
+        now: float,
+        tenant: str = "",
+    ) -> Awaitable[list[Outcome]]:
+        return self.inner.apply(specs, keys, cost, lease, now, keys[0] if keys else "")
+
+    async def release(self, table: str, key: str, lease: str, now: float, tenant: str = "") -> None:
+        await self.inner.release(table, key, lease, now, key)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def _as_tenant(backend: Backend) -> Backend:
+    @asynccontextmanager
+    async def scoped(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
+        async with backend(request) as store:
+            yield _AsTenant(store)
+
+    return scoped
+
+
 Backend = Callable[[pytest.FixtureRequest], AbstractAsyncContextManager[CounterStore]]
 
 BACKENDS: dict[str, Backend] = {
     "memory": _memory,
     "redis": _redis,
     "cluster": _cluster,
+    "redis-tenant": _as_tenant(_redis),
+    "cluster-tenant": _as_tenant(_cluster),
 }
 
 KNOWN_ENGINE_BUGS: dict[str, str] = {}

@@ -9,11 +9,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import secrets
 
 from tenantguard.errors import UnknownLeaseError
 
 __all__ = ["decode_lease", "encode_lease", "new_lease_id"]
+
+
+# what ``new_lease_id`` makes: 16 characters of the URL-safe base64 alphabet
+_LEASE_ID = re.compile(r"[A-Za-z0-9_-]{16}")
 
 
 def new_lease_id() -> str:
@@ -33,6 +38,6 @@ def decode_lease(token: str) -> tuple[str, list[tuple[str, str, str]]]:
         pairs = [(str(rule), str(key), str(tenant)) for rule, key, tenant in held]
     except (ValueError, TypeError, binascii.Error) as error:
         raise problem from error
-    if not lease_id or not isinstance(held, list):
+    if not _LEASE_ID.fullmatch(lease_id) or not isinstance(held, list):
         raise problem
     return lease_id, pairs

@@ -235,6 +235,16 @@ end
 local STEPS = { f = fixed_window, s = sliding_window, t = token_bucket, g = gcra,
   c = concurrency }
 
+local server_now  -- this call's Redis TIME, read at most once per call
+
+local function server_time()
+  if not server_now then
+    local t = redis.call('TIME')
+    server_now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  end
+  return server_now
+end
+
 local TTL = ':ttl'  -- encoded table names never hold ':', so no counter is called this
 local HORIZON = 10  -- seconds a hash's TTL is set past what its counters need
 
@@ -280,21 +290,25 @@ local function parse(word)
     if not s[6] then strings = strings + 1 end
   end
   m = tonumber(m)
-  local offset, twice = m - strings + 1, false
+  local offset = m - strings + 1
+  -- two string keys may be one key (known only from KEYS): then `same` looks
+  local twice = strings > 1
   for i = 1, #rec do
     if rec[i][6] then
       slots[i] = false
       fields[#fields + 1] = rec[i][6]
       at_field[i] = #fields
+      for j = 1, i - 1 do
+        if rec[i][6] == rec[j][6] then twice = true end
+      end
     else
       slots[i] = offset
       offset = offset + 1
     end
-    for j = 1, i - 1 do
-      if slots[i] == slots[j] and (slots[i] or rec[i][6] == rec[j][6]) then twice = true end
-    end
   end
   if #fields == 1 then fields = false end
+  -- the keys a record names: its string keys, and its hash first if it has fields
+  if m ~= strings + (fields and 1 or 0) then error('record names ' .. m .. ' keys: ' .. word) end
   r = { op, tonumber(at), tonumber(cost), lease, #rec, m, rec, slots, fields, at_field, twice }
   if at == '' and lease == '' then
     records[word] = r
@@ -303,10 +317,11 @@ local function parse(word)
   return r
 end
 
--- do specs i and j name the same counter?
-local function same(r, i, j)
-  local slots = r[SLOTS]
-  return slots[i] == slots[j] and (slots[i] or r[SPECS][i][6] == r[SPECS][j][6])
+-- do specs i and j of the record at KEYS[k + 1 ..] name the same counter?
+local function same(k, r, i, j)
+  local a, b = r[SLOTS][i], r[SLOTS][j]
+  if a and b then return KEYS[k + a] == KEYS[k + b] end
+  return not a and not b and r[SPECS][i][6] == r[SPECS][j][6]
 end
 
 -- every spec's stored state (false: none) and the hash's deadline: one HMGET for the
@@ -346,7 +361,7 @@ local function write(now, k, r, news, expires, deadline)
     local new = news[i]
     if twice and new ~= nil then
       for j = i + 1, n do
-        if news[j] ~= nil and same(r, i, j) then new = nil end
+        if news[j] ~= nil and same(k, r, i, j) then new = nil end
       end
     end
     local slot, e = slots[i], expires[i]
@@ -371,7 +386,14 @@ local function write(now, k, r, news, expires, deadline)
     end
   end
   local key = KEYS[k + 1]
-  local extend = needed and (not deadline or deadline < needed + 1)
+  local extend, server = false, 0
+  if needed then
+    -- the deadline is kept on the server's clock: callers on their own clocks
+    -- (clock=local) may disagree, and each would otherwise trust another's deadline
+    server = server_time()
+    needed = needed - now + server
+    extend = not deadline or deadline < needed + 1
+  end
   if extend then
     needed = needed + 1 + HORIZON
     sets[#sets + 1] = TTL
@@ -379,7 +401,7 @@ local function write(now, k, r, news, expires, deadline)
   end
   if sets then redis.call('HSET', key, unpack_table(sets)) end
   if dels then redis.call('HDEL', key, unpack_table(dels)) end
-  if extend then redis.call('PEXPIRE', key, math.ceil((needed - now) * 1000)) end
+  if extend then redis.call('PEXPIRE', key, math.ceil((needed - server) * 1000)) end
 end
 
 -- one decision
@@ -404,7 +426,7 @@ local function decide(now, k, r, apply)
       -- a counter named twice sees what the earlier spec wrote; after a denial, the
       -- specs still unanswered see the stored state (nothing is written)
       for j = i - 1, 1, -1 do
-        if news[j] and same(r, i, j) then
+        if news[j] and same(k, r, i, j) then
           state = news[j]
           break
         end
@@ -491,7 +513,7 @@ local function refund(now, k, r)
   for i = 1, r[N] do
     local state = states[i]
     for j = i - 1, 1, -1 do
-      if news[j] ~= nil and same(r, i, j) then
+      if news[j] ~= nil and same(k, r, i, j) then
         state = news[j]
         break
       end
@@ -520,19 +542,21 @@ local function run(keys, args)
   KEYS, ARGV = keys, args
   if not pack then unpack_table, pack, unpack = libraries() end
   if kept > KEEP then records, specs, kept = {}, {}, 0 end
-  local server_now
-  local replies = {}
-  local k = 0
+  server_now = nil
+  -- every record is parsed before any runs: one that is malformed, or names more keys
+  -- than were sent, fails the whole call before anything is written
+  local parsed, named = {}, 0
   for a = 1, #ARGV do
     local r = parse(ARGV[a])
-    local now = r[AT]
-    if not now then
-      if not server_now then
-        local t = redis.call('TIME')
-        server_now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-      end
-      now = server_now
-    end
+    parsed[a] = r
+    named = named + r[M]
+  end
+  if named ~= #KEYS then error('records name ' .. named .. ' keys, ' .. #KEYS .. ' sent') end
+  local replies = {}
+  local k = 0
+  for a = 1, #parsed do
+    local r = parsed[a]
+    local now = r[AT] or server_time()
     local ok, reply = pcall(record, now, k, r)
     if not ok then
       if type(reply) == 'table' then reply = reply.err end

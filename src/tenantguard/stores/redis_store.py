@@ -61,7 +61,13 @@ _SOURCE = resources.files("tenantguard.stores").joinpath("counters.lua").read_te
 # The name carries the version, so replicas running two versions (a rolling upgrade)
 # each call their own, and none replaces the other's.
 FUNCTION = "tenantguard_" + hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
-LIBRARY = f"#!lua name={FUNCTION}\n{_SOURCE}\nredis.register_function('{FUNCTION}', run)\n"
+# Releases and refunds only give back: they may run when Redis is out of memory
+# (maxmemory with noeviction), where a function that may write is refused whole.
+FREEING = FUNCTION + "_free"
+LIBRARY = (
+    f"#!lua name={FUNCTION}\n{_SOURCE}\nredis.register_function('{FUNCTION}', run)\n"
+    f"redis.register_function{{function_name='{FREEING}', callback=run, flags={{'allow-oom'}}}}\n"
+)
 # As a script, where functions are not to be had (Redis 6, no FUNCTION permission)
 SCRIPT = f"{_SOURCE}\nreturn run(script_inputs())\n"
 _CODES = {
@@ -128,17 +134,24 @@ RELEARN_EVERY = 1.0  # seconds between cluster map refreshes after connection fa
 
 class _Call:
     """One record of a batch: its keys and its words (see ``counters.lua``). ``decided``:
-    the caller wants the reply as outcomes, converted when it arrives."""
+    the caller wants the reply as outcomes, converted when it arrives. ``frees``: a
+    release or refund, which only gives back."""
 
-    __slots__ = ("args", "decided", "future", "keys")
+    __slots__ = ("args", "decided", "frees", "future", "keys")
 
     def __init__(
-        self, keys: list[str], args: list[str], future: asyncio.Future[Any], decided: bool
+        self,
+        keys: list[str],
+        args: list[str],
+        future: asyncio.Future[Any],
+        decided: bool,
+        frees: bool,
     ) -> None:
         self.keys = keys
         self.args = args
         self.future = future
         self.decided = decided
+        self.frees = frees
 
 
 class RedisCounters:
@@ -166,6 +179,7 @@ class RedisCounters:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._node_options: dict[str, Any] = {}
+        self._node_url = ("redis", "", "")  # scheme, user info, query of the nodes' URLs
         self._nodes: dict[str, Any] = {}  # cluster: a plain client per node, for pipelines
         self._owned: list[Any] = []  # other clients to close with this store (sentinels)
         self._routes: dict[int, _Route] = {}
@@ -193,6 +207,10 @@ class RedisCounters:
             "decode_responses": True,
         }
         rest = "&".join(f"{key}={value}" for key, value in query.items())
+        credentials: dict[str, Any] = {
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password else None,
+        }
         extras: list[Any] = []  # clients to close beside the main one (sentinels)
         scheme = parts.scheme
         if scheme in ("redis", "rediss", "unix"):
@@ -213,7 +231,8 @@ class RedisCounters:
                 raise ValueError("redis+sentinel:// needs the service name: /service[/db]")
             db = int(pieces[1]) if len(pieces) > 1 else 0
             sentinel = Sentinel(hosts, **common)  # type: ignore[no-untyped-call]
-            client = sentinel.master_for(pieces[0], db=db, **common)
+            # the URL's credentials are the master's, as for the other schemes
+            client = sentinel.master_for(pieces[0], db=db, **common, **credentials)
             cluster = False
             extras = list(sentinel.sentinels)
         else:
@@ -224,13 +243,11 @@ class RedisCounters:
         store = cls(
             client, cluster=cluster, timeout=timeout, server_clock=clock == "server", **options
         )
-        # a cluster's pipelines go to each node through a client of its own: with the
-        # credentials of the URL, as the cluster client's own connections have them
-        credentials = {
-            "username": unquote(parts.username) if parts.username else None,
-            "password": unquote(parts.password) if parts.password else None,
-        }
-        store._node_options = {**common, **credentials, "ssl": scheme.startswith("rediss")}
+        # a cluster's pipelines go to each node through a client of its own, made from
+        # the same URL (credentials, TLS and other options) as the cluster client
+        userinfo = parts.netloc.rpartition("@")[0]
+        store._node_url = (scheme.split("+")[0], userinfo, rest)
+        store._node_options = common
         store._owned = extras
         return store
 
@@ -290,7 +307,7 @@ class RedisCounters:
         clock = "" if self._server_clock else repr(now)
         release = CounterSpec(table, "concurrency", 0.0, 0, 0, True)
         redis_keys, words = _layout((release,), [place])
-        await self._call(redis_keys, _head("release", clock, 0, lease, 1, words))
+        await self._call(redis_keys, _head("release", clock, 0, lease, 1, words), frees=True)
 
     async def close(self) -> None:
         # calls still queued behind the batches in flight go out when those come back:
@@ -384,10 +401,10 @@ class RedisCounters:
         now cannot be refunded now either (its counts end with their window)."""
         for keys, words in taken:
             with contextlib.suppress(StoreError):
-                await self._call(keys, words)
+                await self._call(keys, words, frees=True)
 
     def _call(
-        self, keys: list[str], args: list[str], *, decided: bool = False
+        self, keys: list[str], args: list[str], *, decided: bool = False, frees: bool = False
     ) -> asyncio.Future[Any]:
         """Queue one record for the next batch; its future is the reply (a list of
         outcomes if ``decided``). A future rather than a coroutine: see ``apply``."""
@@ -399,7 +416,7 @@ class RedisCounters:
                 StoreError("counter store circuit is open after repeated failures")
             )
             return failed
-        call = _Call(keys, args, loop.create_future(), decided)
+        call = _Call(keys, args, loop.create_future(), decided, frees)
         if not self._queue:
             self._queued_at = loop.time()
         self._queue.append(call)
@@ -429,6 +446,11 @@ class RedisCounters:
             task.add_done_callback(partial(self._sent, batch))
 
     async def _send(self, batch: list[_Call], deadline: float) -> None:
+        if asyncio.get_running_loop().time() >= deadline:
+            # queued past its timeout behind slow batches: do not send what no one waits
+            # for (it would count); a slow server is an outage like a dead one
+            self._fail(batch, TimeoutError("timed out waiting for earlier batches"))
+            return
         try:
             # a timeout scope, not wait_for: no extra task per batch on the hot path
             async with asyncio.timeout_at(deadline):
@@ -464,6 +486,13 @@ class RedisCounters:
                         continue
                 call.future.set_result(answer)
 
+    def _node_client(self, host: str, port: int) -> Any:
+        scheme, userinfo, query = self._node_url
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        netloc = f"{userinfo}@{address}" if userinfo else address
+        url = urlunsplit((scheme, netloc, "", query, ""))
+        return aioredis.Redis.from_url(url, **self._node_options)
+
     def _relearn_slots(self) -> None:
         """A node did not answer: it may have died and its slots gone to another. Redis
         only says MOVED from a live node, so ask the cluster for its map again (at most
@@ -494,6 +523,9 @@ class RedisCounters:
         self._in_flight -= 1
         if task.cancelled():
             self._fail(batch, asyncio.CancelledError())
+        elif task.exception() is not None:
+            # a fault of this module's own: still, no caller may be left waiting
+            self._fail(batch, task.exception() or RuntimeError())
         if self._queue and not self._scheduled:
             # after the callers this reply woke have queued their next checks
             self._scheduled = True
@@ -554,11 +586,23 @@ class RedisCounters:
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         """One reply per call: the record's answer or the exception that stopped it."""
         if not self._cluster:
-            return await self._send_groups(self._client, _chunks(batch))
+            if not any(call.frees for call in batch):
+                return await self._send_groups(self._client, _chunks(batch))
+            # releases and refunds go as calls of their own (FREEING), in the same write
+            keep = [i for i, call in enumerate(batch) if not call.frees]
+            free = [i for i, call in enumerate(batch) if call.frees]
+            groups = _chunks(keep) + _chunks(free)
+            answers = await self._send_groups(
+                self._client, [[batch[i] for i in group] for group in groups]
+            )
+            found: list[Any] = [None] * len(batch)
+            for i, answer in zip(keep + free, answers, strict=True):
+                found[i] = answer
+            return found
         # a cluster script may only touch one slot: a call per hash tag, pipelined per node
-        tags: dict[str, list[int]] = {}
+        tags: dict[tuple[str, bool], list[int]] = {}
         for index, call in enumerate(batch):
-            tags.setdefault(_tag(call.keys[0]), []).append(index)
+            tags.setdefault((_tag(call.keys[0]), call.frees), []).append(index)
         nodes: dict[str, list[list[int]]] = {}
         owners: dict[str, Any] = {}
         for indices in tags.values():
@@ -572,7 +616,7 @@ class RedisCounters:
             node = owners[name]
             client = self._nodes.get(name)
             if client is None:
-                client = aioredis.Redis(host=node.host, port=node.port, **self._node_options)
+                client = self._node_client(node.host, node.port)
                 self._nodes[name] = client
             answers = await self._send_groups(client, [[batch[i] for i in g] for g in groups])
             for i, answer in zip((i for g in groups for i in g), answers, strict=True):
@@ -591,10 +635,12 @@ class RedisCounters:
             await self._client.nodes_manager.initialize()
             for i in moved:
                 call = batch[i]
-                command = self._command or ("FCALL", FUNCTION)
+                kind, name = self._command or ("FCALL", FUNCTION)
+                if kind == "FCALL" and call.frees:
+                    name = FREEING
                 try:
                     answer = await self._client.execute_command(
-                        *command, len(call.keys), *call.keys, *call.args
+                        kind, name, len(call.keys), *call.keys, *call.args
                     )
                     replies[i] = _record(answer[0])
                 except ResponseError as error:
@@ -614,8 +660,11 @@ class RedisCounters:
             for call in group:
                 keys += call.keys
                 args += call.args
+            kind, name = self._command or ("FCALL", FUNCTION)
+            if kind == "FCALL" and group[0].frees:
+                name = FREEING
             # hiredis's stub types the tuple as one item; any length is accepted
-            command: Any = (*(self._command or ("FCALL", FUNCTION)), len(keys), *keys, *args)
+            command: Any = (kind, name, len(keys), *keys, *args)
             packed.append(pack_command(command))
         pool = client.connection_pool
         connection = await pool.get_connection()
@@ -683,7 +732,10 @@ def _head(
     op: str, clock: str, cost: int, lease: str | None, keys: int, words: list[str]
 ) -> list[str]:
     """A record: its head, then its spec words (naming ``keys`` keys), as one word."""
-    return [" ".join((f"{op}|{clock}|{cost}|{lease or ''}|{keys}", *words))]
+    # the lease comes from a caller's token: encoded, so no space or "|" can reshape
+    # the record (name other keys, or other counters)
+    lease_word = _part(lease) if lease else ""
+    return [" ".join((f"{op}|{clock}|{cost}|{lease_word}|{keys}", *words))]
 
 
 def _chunks(items: list[Any]) -> list[list[Any]]:
@@ -725,8 +777,11 @@ _UNREADY_TEXT = re.compile(r"(?:^|-)(?:BUSY|MASTERDOWN|READONLY|LOADING|CLUSTERD
 
 
 def _demoted(answers: list[Any]) -> bool:
-    """Did a record fail because the server is a replica (``READONLY``)?"""
+    """Did a call or a record fail because the server is a replica (``READONLY``)? A
+    function that may write is refused whole by a replica; a script, record by record."""
     for answer in answers:
+        if isinstance(answer, ReadOnlyError):
+            return True
         if isinstance(answer, list):
             for item in answer:
                 if item.__class__ is str and item.startswith("error: ") and "READONLY" in item:
