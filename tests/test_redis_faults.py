@@ -15,6 +15,7 @@ other tests without a server.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -445,3 +446,49 @@ async def test_a_release_runs_when_redis_is_out_of_memory(server: RedisServer, u
         assert not after.degraded
     finally:
         await rig.guard.close()
+
+
+async def test_a_restarted_redis_is_counted_on_at_the_first_check(
+    server: RedisServer, url: str
+) -> None:
+    """The server closed the pooled connections when it stopped: the next check finds
+    that out before sending, and counts on a new connection instead of failing."""
+    rig = Rig(url, "deny")
+    try:
+        assert not (await rig.guard.check("acme", "GET", "/api/x")).degraded
+        server.stop()
+        server.start()
+        for _ in range(3):
+            await asyncio.sleep(0)  # the loop reads the closed connections' end
+        decision = await rig.guard.check("acme", "GET", "/api/x")
+        assert not decision.degraded, decision.reason
+        assert decision.remaining == LIMIT - 1  # a fresh server: this is its first count
+    finally:
+        await rig.guard.close()
+
+
+async def test_a_refused_login_says_why_and_the_log_says_when_the_circuit_opens(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with server.client() as client:
+        client.acl_setuser("tg", enabled=True, passwords=["+right"], commands=["+@all"])
+    wrong = server.url.replace("redis://", "redis://tg:wrong@") + "?clock=local"
+    rig = Rig(wrong + f"&timeout={TIMEOUT}", "allow")
+    try:
+        with caplog.at_level(logging.WARNING, logger="tenantguard.redis"):
+            decisions = [await rig.guard.check("acme", "GET", "/api/x") for _ in range(3)]
+    finally:
+        await rig.guard.close()
+        with server.client() as client:
+            client.acl_deluser("tg")
+    assert all(decision.degraded for decision in decisions)
+    assert "AuthenticationError" in str(decisions[0].reason), decisions[0].reason
+    opened = [r.getMessage() for r in caplog.records if "circuit open" in r.getMessage()]
+    assert len(opened) == 1, caplog.records
+    assert "AuthenticationError" in opened[0]
+
+
+def test_an_unknown_url_option_is_refused_by_name() -> None:
+    for url in ("redis://127.0.0.1:1/0?timout=1", "redis+cluster://127.0.0.1:1/?timout=1"):
+        with pytest.raises(ValueError, match="timout: not an option of a Redis URL"):
+            RedisCounters.from_url(url)

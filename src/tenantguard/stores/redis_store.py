@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import re
 from collections.abc import Awaitable, Sequence
 from functools import lru_cache, partial
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, quote, unquote, urlsplit, urlunsplit
 
 from hiredis import pack_command
 from redis import asyncio as aioredis
@@ -55,6 +56,8 @@ from tenantguard.stores._base import CounterSpec
 from tenantguard.stores._breaker import CircuitBreaker
 
 __all__ = ["RedisCounters", "counter_key"]
+
+_log = logging.getLogger("tenantguard.redis")
 
 _SOURCE = resources.files("tenantguard.stores").joinpath("counters.lua").read_text()
 # As a Redis function (Redis 7+): loaded once, what it parses stays parsed between calls.
@@ -211,11 +214,33 @@ class RedisCounters:
             "username": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password else None,
         }
+        try:
+            return cls._open(parts, common, rest, credentials, timeout, clock, options)
+        except TypeError as error:
+            # redis-py takes any query option as a keyword, and refuses it only when a
+            # connection is made: say so now, naming it
+            found = re.search(r"argument '(\w+)'", str(error))
+            name = found.group(1) if found else str(error)
+            raise ValueError(f"{name}: not an option of a Redis URL") from None
+
+    @classmethod
+    def _open(
+        cls,
+        parts: SplitResult,
+        common: dict[str, Any],
+        rest: str,
+        credentials: dict[str, Any],
+        timeout: float,
+        clock: str,
+        options: dict[str, Any],
+    ) -> RedisCounters:
         extras: list[Any] = []  # clients to close beside the main one (sentinels)
         scheme = parts.scheme
         if scheme in ("redis", "rediss", "unix"):
             plain = urlunsplit((scheme, parts.netloc, parts.path, rest, ""))
             client: Any = aioredis.Redis.from_url(plain, **common)
+            pool = client.connection_pool
+            pool.connection_class(**pool.connection_kwargs)  # unknown options raise here
             cluster = False
         elif scheme in ("redis+cluster", "rediss+cluster"):
             plain = urlunsplit((scheme.split("+")[0], parts.netloc, parts.path, rest, ""))
@@ -471,11 +496,11 @@ class RedisCounters:
             # answer still get their answers: what they counted stays counted.
             self._outage(unready[0])
         else:
-            self.breaker.success()
+            self._answered()
         for call, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):
                 what = "counter store failed" if reply in unready else "counter script failed"
-                _settle(call, reply, f"{what}: {reply}")
+                _settle(call, reply, f"{what}: {_describe(reply)}")
             elif not call.future.done():
                 answer = reply
                 if call.decided:
@@ -532,16 +557,26 @@ class RedisCounters:
             task.get_loop().call_soon(self._flush)
 
     def _outage(self, error: BaseException) -> None:
-        """One failure for the breaker, one for the metric."""
+        """One failure for the breaker, one for the metric; the log says when the
+        breaker opens, and why, so an operator can tell a misconfiguration (a password,
+        a permission) from a passing outage."""
+        was = self.breaker.state
         self.breaker.failure()
         kind = "timeout" if isinstance(error, TimeoutError) else type(error).__name__
         STORE_ERRORS.labels(store="redis", kind=kind).inc()
+        if was != "open" and self.breaker.state == "open":
+            _log.warning("Redis counters unavailable, circuit open: %s", _describe(error))
+
+    def _answered(self) -> None:
+        if self.breaker.state != "closed":
+            _log.warning("Redis counters answer again, circuit closed")
+        self.breaker.success()
 
     def _fail(self, batch: list[_Call], error: BaseException) -> None:
         """One failed batch: one outage, a ``StoreError`` per call."""
         self._outage(error)
         for call in batch:
-            _settle(call, error, f"counter store failed: {error!r}")
+            _settle(call, error, f"counter store failed: {_describe(error)}")
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         if self._command is None:
@@ -576,11 +611,14 @@ class RedisCounters:
         except ResponseError as error:
             if not _NO_FUNCTIONS.search(str(error)):
                 raise
+            refused = _describe(error)
         else:
+            _log.info("Redis counters loaded as the function library %s", FUNCTION)
             return "FCALL", FUNCTION
         loaded = await self._client.script_load(SCRIPT)
         # a cluster loads it on every primary and may answer per node
         sha = next(iter(loaded.values())) if isinstance(loaded, dict) else loaded
+        _log.info("Redis counters loaded as the script %s (no function: %s)", sha, refused)
         return "EVALSHA", str(sha)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
@@ -668,6 +706,14 @@ class RedisCounters:
             packed.append(pack_command(command))
         pool = client.connection_pool
         connection = await pool.get_connection()
+        # can_read since redis-py 8, can_read_destructive before
+        stale = getattr(connection, "can_read", None) or connection.can_read_destructive
+        if await stale():
+            # closed by the server (a restart, its idle timeout) or holding a stray
+            # reply: the pool does not always check (redis-py skips it when maintenance
+            # notifications may be on), and a command sent there is lost
+            await connection.disconnect()
+            await connection.connect()
         answers: list[Any] = []
         try:
             await connection.send_packed_command(b"".join(packed), check_health=False)
@@ -747,6 +793,12 @@ def _record(answer: Any) -> Any:
     if isinstance(answer, str) and answer.startswith("error: "):
         return ResponseError(answer[len("error: ") :])
     return answer
+
+
+def _describe(error: BaseException) -> str:
+    """The error's class and message: redis-py's own ``repr`` keeps only a category."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _settle(call: _Call, cause: BaseException, message: str) -> None:
