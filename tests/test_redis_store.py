@@ -562,10 +562,10 @@ async def _cross_guard(
     original = store._call
 
     async def counting(
-        keys: list[str], args: list[str], *, decided: bool = False, frees: bool = False
+        keys: list[str], args: list[str], decided: bool = False, frees: bool = False
     ) -> Any:
         calls.append(len(keys))
-        return await original(keys, args, decided=decided, frees=frees)
+        return await original(keys, args, decided, frees)
 
     monkeypatch.setattr(store, "_call", counting)
     return Guard(parse_policy(policy), counters=store, clock=Clock()), calls

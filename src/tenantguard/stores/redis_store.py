@@ -186,7 +186,7 @@ class RedisCounters:
         self._nodes: dict[str, Any] = {}  # cluster: a plain client per node, for pipelines
         self._owned: list[Any] = []  # other clients to close with this store (sentinels)
         self._routes: dict[int, _Route] = {}
-        self._hashes: dict[str, str] = {}  # tenant -> the key of its hash
+        self._hashes: dict[str, list[str]] = {}  # tenant -> [the key of its hash]
         self._relearning = False
         self._relearned_at = -RELEARN_EVERY
 
@@ -297,14 +297,12 @@ class RedisCounters:
             if route is None or route[0] is not specs:
                 route = self._learn(specs)
             if route[1]:
-                hashed = self._hashes.get(tenant)
-                if hashed is None:
-                    hashed = self._hash_of(tenant)
+                hashed = self._hashes.get(tenant) or self._hash_of(tenant)
                 if clock or cost != 1 or lease:
                     args = _head("apply", clock, cost, lease, 1, route[1])
                 else:
                     args = route[2]
-                return self._call([hashed], args, decided=True)
+                return self._call(hashed, args, True)
         return self._apply(specs, keys, cost, lease, clock, tenant)
 
     async def _apply(
@@ -367,8 +365,9 @@ class RedisCounters:
         self._routes[id(specs)] = route
         return route
 
-    def _hash_of(self, tenant: str) -> str:
-        hashed = counter_key(tenant, "", tenant, scoped=True)[0]
+    def _hash_of(self, tenant: str) -> list[str]:
+        """The keys of a record on the tenant's hash alone (read only, so shared)."""
+        hashed = [counter_key(tenant, "", tenant, scoped=True)[0]]
         if len(self._hashes) >= CACHED:
             self._hashes.clear()
         self._hashes[tenant] = hashed
@@ -429,7 +428,7 @@ class RedisCounters:
                 await self._call(keys, words, frees=True)
 
     def _call(
-        self, keys: list[str], args: list[str], *, decided: bool = False, frees: bool = False
+        self, keys: list[str], args: list[str], decided: bool = False, frees: bool = False
     ) -> asyncio.Future[Any]:
         """Queue one record for the next batch; its future is the reply (a list of
         outcomes if ``decided``). A future rather than a coroutine: see ``apply``."""
