@@ -9,14 +9,15 @@
 -- a head, then one spec per counter (code: f, s, t, g, c; window is the lease ttl for c;
 -- enforce 1/0). The record names the next m KEYS. `at` is the record's instant in
 -- seconds; "" means the server's TIME (read once per call). A route's checks send the
--- same word every time, so each distinct word is parsed once per call.
+-- same word every time, so each distinct word is parsed once (see `parse`).
 --
--- Where a counter lives: a spec with a field keeps its state in that field of the hash
--- KEYS[i] (a tenant's own counters share one hash: one read and one write per decision,
--- and one key to create and expire per tenant instead of one per rule); a spec without
--- one keeps it in the string key KEYS[i] (counters per client, whose number has no bound,
--- each expire on their own). A hash's field ":ttl" holds the instant its TTL runs to, so
--- a write extends the TTL only when a counter needs longer, by HORIZON more.
+-- Where a counter lives: a spec with a field keeps its state in that field of the
+-- record's hash, its first key (a tenant's own counters share one hash: one read and
+-- one write per decision, and one key to create and expire per tenant instead of one per
+-- rule); a spec without one keeps it in a string key of its own, the record's next key
+-- (counters per client, whose number has no bound, each expire on their own). A hash's
+-- field ":ttl" holds the instant, on the server's clock, its TTL runs to, so a write
+-- extends the TTL only when a counter needs longer, by HORIZON more.
 --
 -- The reply holds one entry per record, in order:
 --   apply:   { at as text, then per spec: allowed, remaining, reset, retry_after } with

@@ -547,9 +547,9 @@ class RedisCounters:
         self._in_flight -= 1
         if task.cancelled():
             self._fail(batch, asyncio.CancelledError())
-        elif task.exception() is not None:
+        elif (error := task.exception()) is not None:
             # a fault of this module's own: still, no caller may be left waiting
-            self._fail(batch, task.exception() or RuntimeError())
+            self._fail(batch, error)
         if self._queue and not self._scheduled:
             # after the callers this reply woke have queued their next checks
             self._scheduled = True
@@ -628,13 +628,8 @@ class RedisCounters:
             # releases and refunds go as calls of their own (FREEING), in the same write
             keep = [i for i, call in enumerate(batch) if not call.frees]
             free = [i for i, call in enumerate(batch) if call.frees]
-            groups = _chunks(keep) + _chunks(free)
-            answers = await self._send_groups(
-                self._client, [[batch[i] for i in group] for group in groups]
-            )
             found: list[Any] = [None] * len(batch)
-            for i, answer in zip(keep + free, answers, strict=True):
-                found[i] = answer
+            await self._send_indexed(self._client, batch, _chunks(keep) + _chunks(free), found)
             return found
         # a cluster script may only touch one slot: a call per hash tag, pipelined per node
         tags: dict[tuple[str, bool], list[int]] = {}
@@ -655,9 +650,7 @@ class RedisCounters:
             if client is None:
                 client = self._node_client(node.host, node.port)
                 self._nodes[name] = client
-            answers = await self._send_groups(client, [[batch[i] for i in g] for g in groups])
-            for i, answer in zip((i for g in groups for i in g), answers, strict=True):
-                replies[i] = answer
+            await self._send_indexed(client, batch, groups, replies)
 
         await asyncio.gather(*(run(name, groups) for name, groups in nodes.items()))
         moved = [
@@ -672,17 +665,28 @@ class RedisCounters:
             await self._client.nodes_manager.initialize()
             for i in moved:
                 call = batch[i]
-                kind, name = self._command or ("FCALL", FUNCTION)
-                if kind == "FCALL" and call.frees:
-                    name = FREEING
                 try:
                     answer = await self._client.execute_command(
-                        kind, name, len(call.keys), *call.keys, *call.args
+                        *self._command_for(call), len(call.keys), *call.keys, *call.args
                     )
                     replies[i] = _record(answer[0])
                 except ResponseError as error:
                     replies[i] = error
         return replies
+
+    async def _send_indexed(
+        self, client: Any, batch: list[_Call], groups: list[list[int]], replies: list[Any]
+    ) -> None:
+        """Send ``batch``'s calls grouped by index, one script call per group, and put
+        each answer at its call's index in ``replies``."""
+        answers = await self._send_groups(client, [[batch[i] for i in g] for g in groups])
+        for i, answer in zip((i for g in groups for i in g), answers, strict=True):
+            replies[i] = answer
+
+    def _command_for(self, call: _Call) -> tuple[str, str]:
+        """The command and name that run ``call``: releases and refunds as FREEING."""
+        kind, name = self._command or ("FCALL", FUNCTION)
+        return kind, FREEING if kind == "FCALL" and call.frees else name
 
     async def _send_groups(self, client: Any, groups: list[list[_Call]]) -> list[Any]:
         """One script call per group, all in one write; one reply per call.
@@ -697,11 +701,8 @@ class RedisCounters:
             for call in group:
                 keys += call.keys
                 args += call.args
-            kind, name = self._command or ("FCALL", FUNCTION)
-            if kind == "FCALL" and group[0].frees:
-                name = FREEING
             # hiredis's stub types the tuple as one item; any length is accepted
-            command: Any = (kind, name, len(keys), *keys, *args)
+            command: Any = (*self._command_for(group[0]), len(keys), *keys, *args)
             packed.append(pack_command(command))
         pool = client.connection_pool
         connection = await pool.get_connection()
