@@ -26,7 +26,7 @@ from servers import RedisServer, require_redis
 from tenantguard import Guard, parse_policy
 from tenantguard.decision import Decision
 from tenantguard.stores._breaker import CircuitBreaker
-from tenantguard.stores.redis_store import RedisCounters
+from tenantguard.stores.redis_store import SPLIT, RedisCounters
 
 MINUTE = 1_700_000_040.0  # a whole minute since the epoch
 TIMEOUT = 0.25
@@ -414,9 +414,9 @@ async def test_a_master_demoted_after_loading_drops_its_connections(
                 decision = await rig.guard.check("acme", "GET", "/api/x")
                 assert decision.degraded
                 assert decision.allowed
-                pool = rig.store._client.connection_pool
-                assert pool._available_connections, "a connection was used"
-                assert not any(c.is_connected for c in pool._available_connections)
+                lanes = [lane for lane in rig.store._lanes if lane is not None]
+                assert lanes, "a connection was used"
+                assert not any(lane.is_connected for lane in lanes)
             finally:
                 client.replicaof("no", "one")
     finally:
@@ -492,3 +492,11 @@ def test_an_unknown_url_option_is_refused_by_name() -> None:
     for url in ("redis://127.0.0.1:1/0?timout=1", "redis+cluster://127.0.0.1:1/?timout=1"):
         with pytest.raises(ValueError, match="timout: not an option of a Redis URL"):
             RedisCounters.from_url(url)
+
+
+def test_too_few_connections_are_refused_with_the_number_needed() -> None:
+    """The store keeps SPLIT connections for its batches: a pool smaller than that plus
+    one would leave a slot's batches failing forever, so it is refused at start-up."""
+    with pytest.raises(ValueError, match=rf"max_connections=2: .* at least {SPLIT + 1}"):
+        RedisCounters.from_url("redis://127.0.0.1:1/0?max_connections=2")
+    RedisCounters.from_url(f"redis://127.0.0.1:1/0?max_connections={SPLIT + 1}")

@@ -124,14 +124,16 @@ def _tag(redis_key: str) -> str:
 # records per script call: enough to amortise the call, few enough that one call holds
 # Redis (single-threaded) for no more than a few milliseconds
 MAX_BATCH = 256
-# A large turn's calls go out as SPLIT batches on their own connections: the callers of
-# the first reply run (and queue their next checks) while Redis works on the second, so
-# the client and the server overlap instead of taking turns. At most SPLIT batches are
-# in flight: calls made meanwhile wait for one to come back and then go out together, so
-# under load batches grow instead of multiplying (each batch costs a task, a write, a
-# read and a script call whatever its size).
+# At most SPLIT batches are in flight, each on a connection of its own (a lane, on a
+# single server): the callers of one reply run (and queue their next checks) while Redis
+# works on the other, so client and server overlap instead of taking turns. Calls made
+# while every lane is busy wait for one to come back and go out together, so under load
+# batches grow instead of multiplying. A batch goes out as soon as it holds EAGER calls
+# and a lane is free, written at once rather than at the end of the loop's turn: Redis
+# starts on it while the rest of the turn's callers run. (Two batches written together
+# would be read by Redis together and answered together: client and server in lockstep.)
 SPLIT = 2
-SPLIT_MIN = 8
+EAGER = 8
 RELEARN_EVERY = 1.0  # seconds between cluster map refreshes after connection failures
 
 
@@ -179,7 +181,12 @@ class RedisCounters:
         self._queue: list[_Call] = []
         self._scheduled = False
         self._queued_at = 0.0  # when the oldest queued call was made (loop time)
-        self._in_flight = 0
+        self._eager = EAGER  # queued calls that go out at once if a slot is free
+        self._callers = 0  # busy callers, as last seen (see _answer)
+        # the batch in flight on each of the SPLIT slots (None: free); on a single server
+        # each slot has a lane, a connection kept from the pool for its batches alone
+        self._slots: list[list[_Call] | None] = [None] * SPLIT
+        self._lanes: list[Any] = [None] * SPLIT
         self._tasks: set[asyncio.Task[None]] = set()
         self._node_options: dict[str, Any] = {}
         self._node_url = ("redis", "", "")  # scheme, user info, query of the nodes' URLs
@@ -265,6 +272,13 @@ class RedisCounters:
                 f"counter store {scheme!r} is not supported; expected memory, redis, rediss, "
                 "redis+cluster or redis+sentinel"
             )
+        if not cluster:
+            wanted = client.connection_pool.max_connections
+            if wanted < SPLIT + 1:
+                raise ValueError(
+                    f"max_connections={wanted}: the counters keep {SPLIT} connections for "
+                    f"their batches and need one more, so at least {SPLIT + 1}"
+                )
         store = cls(
             client, cluster=cluster, timeout=timeout, server_clock=clock == "server", **options
         )
@@ -336,9 +350,13 @@ class RedisCounters:
         # calls still queued behind the batches in flight go out when those come back:
         # answer them all before the connections close
         while self._tasks or self._queue:
-            if self._queue and self._in_flight < SPLIT:
-                self._flush()
+            self._send_queued()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        pool = None if self._cluster else self._client.connection_pool
+        for slot, connection in enumerate(self._lanes):
+            if connection is not None and pool is not None:
+                self._lanes[slot] = None
+                await pool.release(connection)
         for other in (*self._nodes.values(), *self._owned):
             await other.aclose()
         await self._client.aclose()
@@ -441,49 +459,91 @@ class RedisCounters:
             )
             return failed
         call = _Call(keys, args, loop.create_future(), decided, frees)
-        if not self._queue:
+        queue = self._queue
+        if not queue:
             self._queued_at = loop.time()
-        self._queue.append(call)
-        if not self._scheduled:
+        queue.append(call)
+        if len(queue) >= self._eager:
+            self._send_queued()
+        elif not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
         return call.future
 
     def _flush(self) -> None:
-        """Send the calls queued so far, as up to SPLIT batches, unless SPLIT batches are
-        in flight already (then the first to come back sends them)."""
+        """At the end of the loop's turn: send what the turn queued, if a slot is free
+        (else the first batch to come back sends it)."""
         self._scheduled = False
-        free = SPLIT - self._in_flight
-        if free <= 0 or not self._queue:
+        self._send_queued()
+
+    def _send_queued(self) -> None:
+        slots = self._slots
+        if not self._queue or None not in slots:
             return
-        queued, self._queue = self._queue, []
-        parts = min(free, SPLIT if len(queued) >= SPLIT * SPLIT_MIN else 1)
-        size = -(-len(queued) // parts)
+        slot = slots.index(None)
+        batch, self._queue = self._queue, []
+        slots[slot] = batch
         # a call's one timeout counts from when it was made, time queued included
         deadline = self._queued_at + self._timeout
         loop = asyncio.get_running_loop()
-        for start in range(0, len(queued), size):
-            batch = queued[start : start + size]
-            task = loop.create_task(self._send(batch, deadline))
-            self._in_flight += 1
-            self._tasks.add(task)
-            task.add_done_callback(partial(self._sent, batch))
+        written = None
+        if not self._cluster and loop.time() < deadline:
+            written = self._write_now(slot, batch)
+        task = loop.create_task(self._send(batch, deadline, slot, written))
+        self._tasks.add(task)
+        task.add_done_callback(partial(self._sent, batch, slot))
 
-    async def _send(self, batch: list[_Call], deadline: float) -> None:
-        if asyncio.get_running_loop().time() >= deadline:
-            # queued past its timeout behind slow batches: do not send what no one waits
-            # for (it would count); a slow server is an outage like a dead one
-            self._fail(batch, TimeoutError("timed out waiting for earlier batches"))
-            return
+    def _write_now(self, slot: int, batch: list[_Call]) -> list[list[int]] | None:
+        """Write ``batch`` on its lane now, if the lane is open and the counters are
+        loaded: the groups written, else None (the batch's task connects, loads and
+        writes). Writing here rather than in the task saves the task's first turn."""
+        connection = self._lanes[slot]
+        if connection is None or self._command is None:
+            return None
+        writer = _open_writer(connection)
+        if writer is None:
+            return None
+        groups = _grouped(batch)
+        writer.write(self._packed(batch, groups))
+        return groups
+
+    def _release(self, slot: int, batch: list[_Call]) -> None:
+        """Free the slot ``batch`` held (once: it may hold another batch by now) and send
+        the calls that waited for it."""
+        if self._slots[slot] is batch:
+            self._slots[slot] = None
+            self._send_queued()
+
+    async def _send(
+        self, batch: list[_Call], deadline: float, slot: int, written: list[list[int]] | None
+    ) -> None:
         try:
-            # a timeout scope, not wait_for: no extra task per batch on the hot path
-            async with asyncio.timeout_at(deadline):
-                replies = await self._pipeline(batch)
-        except Exception as error:
-            self._fail(batch, error)
-            if self._cluster and isinstance(error, _UNREACHABLE):
-                self._relearn_slots()
-            return
+            if written is None and asyncio.get_running_loop().time() >= deadline:
+                # queued past its timeout behind slow batches: do not send what no one
+                # waits for (it would count); a slow server is an outage like a dead one
+                self._fail(batch, TimeoutError("timed out waiting for earlier batches"))
+                return
+            try:
+                # a timeout scope, not wait_for: no extra task per batch on the hot path
+                async with asyncio.timeout_at(deadline):
+                    replies = await self._pipeline(batch, slot, written)
+            except Exception as error:
+                self._fail(batch, error)
+                if self._cluster and isinstance(error, _UNREACHABLE):
+                    self._relearn_slots()
+                return
+            self._answer(batch, replies)
+        finally:
+            # before the callers this batch woke run: those that check again may use it
+            self._release(slot, batch)
+
+    def _answer(self, batch: list[_Call], replies: list[Any]) -> None:
+        # its callers are about to check again. The calls in flight and queued now are
+        # about as many as there are busy callers (a high-water mark, slowly forgotten,
+        # as some may be running): a third of them makes a batch
+        active = len(self._queue) + sum(len(b) for b in self._slots if b is not None)
+        self._callers = max(active, self._callers * 63 // 64)
+        self._eager = max(EAGER, self._callers // (SPLIT + 1))
         unready = [
             r
             for r in replies
@@ -539,21 +599,29 @@ class RedisCounters:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _sent(self, batch: list[_Call], task: asyncio.Task[None]) -> None:
+    def _sent(self, batch: list[_Call], slot: int, task: asyncio.Task[None]) -> None:
         """A batch task cancelled (even before it began) never reaches its ``except``:
         fail its calls here, or their checks would wait forever and a probe among them
         would never report to the breaker."""
         self._tasks.discard(task)
-        self._in_flight -= 1
         if task.cancelled():
             self._fail(batch, asyncio.CancelledError())
+            lane = self._lanes[slot]
+            if self._slots[slot] is batch and lane is not None:
+                # cancelled before it began: what was written is never read, so the
+                # lane's replies are out of step with its calls
+                self._lanes[slot] = None
+                retiring = task.get_loop().create_task(self._retire(lane))
+                self._tasks.add(retiring)
+                retiring.add_done_callback(self._tasks.discard)
         elif (error := task.exception()) is not None:
             # a fault of this module's own: still, no caller may be left waiting
             self._fail(batch, error)
-        if self._queue and not self._scheduled:
-            # after the callers this reply woke have queued their next checks
-            self._scheduled = True
-            task.get_loop().call_soon(self._flush)
+        self._release(slot, batch)
+
+    async def _retire(self, connection: Any) -> None:
+        await connection.disconnect(nowait=True)
+        await self._client.connection_pool.release(connection)
 
     def _outage(self, error: BaseException) -> None:
         """One failure for the breaker, one for the metric; the log says when the
@@ -577,10 +645,12 @@ class RedisCounters:
         for call in batch:
             _settle(call, error, f"counter store failed: {_describe(error)}")
 
-    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+    async def _pipeline(
+        self, batch: list[_Call], slot: int, written: list[list[int]] | None
+    ) -> list[Any]:
         if self._command is None:
             self._command = await self._load()
-        replies = await self._execute(batch)
+        replies = await self._execute(batch, slot, written)
         missing = [
             i
             for i, reply in enumerate(replies)
@@ -590,7 +660,7 @@ class RedisCounters:
             # a restart (without persistence), a failover or a flush forgot the function or
             # the script: load it again, resend those calls
             self._command = await self._load()
-            again = await self._execute([batch[i] for i in missing])
+            again = await self._execute([batch[i] for i in missing], slot, None)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         if len(replies) != len(batch):  # else callers past the end would wait forever
@@ -620,17 +690,22 @@ class RedisCounters:
         _log.info("Redis counters loaded as the script %s (no function: %s)", sha, refused)
         return "EVALSHA", str(sha)
 
-    async def _execute(self, batch: list[_Call]) -> list[Any]:
+    async def _execute(
+        self, batch: list[_Call], slot: int, written: list[list[int]] | None
+    ) -> list[Any]:
         """One reply per call: the record's answer or the exception that stopped it."""
+        replies: list[Any] = [None] * len(batch)
         if not self._cluster:
-            if not any(call.frees for call in batch):
-                return await self._send_groups(self._client, _chunks(batch))
-            # releases and refunds go as calls of their own (FREEING), in the same write
-            keep = [i for i, call in enumerate(batch) if not call.frees]
-            free = [i for i, call in enumerate(batch) if call.frees]
-            found: list[Any] = [None] * len(batch)
-            await self._send_indexed(self._client, batch, _chunks(keep) + _chunks(free), found)
-            return found
+            # on the slot's lane; what ``_write_now`` wrote is only read here
+            if written is None:
+                connection = await self._lane(slot)
+                written = _grouped(batch)
+                packed = self._packed(batch, written)
+                await connection.send_packed_command(packed, check_health=False)
+            else:
+                connection = self._lanes[slot]
+            await self._exchange(connection, batch, written, replies)
+            return replies
         # a cluster script may only touch one slot: a call per hash tag, pipelined per node
         tags: dict[tuple[str, bool], list[int]] = {}
         for index, call in enumerate(batch):
@@ -642,7 +717,6 @@ class RedisCounters:
             for chunk in _chunks(indices):
                 nodes.setdefault(node.name, []).append(chunk)
             owners[node.name] = node
-        replies: list[Any] = [None] * len(batch)
 
         async def run(name: str, groups: list[list[int]]) -> None:
             node = owners[name]
@@ -650,7 +724,7 @@ class RedisCounters:
             if client is None:
                 client = self._node_client(node.host, node.port)
                 self._nodes[name] = client
-            await self._send_indexed(client, batch, groups, replies)
+            await self._send_pooled(client, batch, groups, replies)
 
         await asyncio.gather(*(run(name, groups) for name, groups in nodes.items()))
         moved = [
@@ -674,50 +748,72 @@ class RedisCounters:
                     replies[i] = error
         return replies
 
-    async def _send_indexed(
+    async def _lane(self, slot: int) -> Any:
+        """The slot's connection, taken from the pool once and kept; connected again if
+        it was dropped after a fault or the server closed it (a restart, its idle
+        timeout): a command sent there would be lost."""
+        connection = self._lanes[slot]
+        if connection is None:
+            connection = await self._client.connection_pool.get_connection()
+            # a lane is read only within its batch's own deadline: redis-py's timeout per
+            # read would be a second timer on every read
+            connection.socket_timeout = None
+            self._lanes[slot] = connection
+        elif connection.is_connected and await _stale(connection):
+            await connection.disconnect()
+        if not connection.is_connected:
+            await connection.connect()
+        return connection
+
+    async def _send_pooled(
         self, client: Any, batch: list[_Call], groups: list[list[int]], replies: list[Any]
     ) -> None:
-        """Send ``batch``'s calls grouped by index, one script call per group, and put
-        each answer at its call's index in ``replies``."""
-        answers = await self._send_groups(client, [[batch[i] for i in g] for g in groups])
-        for i, answer in zip((i for g in groups for i in g), answers, strict=True):
-            replies[i] = answer
+        """Cluster: ``groups`` of ``batch`` on a connection of a node's pool."""
+        packed = self._packed(batch, groups)
+        pool = client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            if await _stale(connection):
+                # the pool does not always check (redis-py skips it when maintenance
+                # notifications may be on)
+                await connection.disconnect()
+                await connection.connect()
+            await connection.send_packed_command(packed, check_health=False)
+            await self._exchange(connection, batch, groups, replies)
+        finally:
+            await pool.release(connection)
 
     def _command_for(self, call: _Call) -> tuple[str, str]:
         """The command and name that run ``call``: releases and refunds as FREEING."""
         kind, name = self._command or ("FCALL", FUNCTION)
         return kind, FREEING if kind == "FCALL" and call.frees else name
 
-    async def _send_groups(self, client: Any, groups: list[list[_Call]]) -> list[Any]:
-        """One script call per group, all in one write; one reply per call.
+    def _packed(self, batch: list[_Call], groups: list[list[int]]) -> bytes:
+        """One script call per group of ``batch``'s calls, for one write.
 
-        The commands are packed by hiredis in C and written straight to a pooled
-        connection: redis-py's asyncio client packs in Python, argument by argument,
-        which cost more than everything else a batched decision does."""
+        Packed by hiredis in C: redis-py's asyncio client packs in Python, argument by
+        argument, which cost more than everything else a batched decision does."""
         packed = []
         for group in groups:
             keys: list[str] = []
             args: list[str] = []
-            for call in group:
+            for i in group:
+                call = batch[i]
                 keys += call.keys
                 args += call.args
             # hiredis's stub types the tuple as one item; any length is accepted
-            command: Any = (*self._command_for(group[0]), len(keys), *keys, *args)
+            command: Any = (*self._command_for(batch[group[0]]), len(keys), *keys, *args)
             packed.append(pack_command(command))
-        pool = client.connection_pool
-        connection = await pool.get_connection()
-        # can_read since redis-py 8, can_read_destructive before
-        stale = getattr(connection, "can_read", None) or connection.can_read_destructive
-        if await stale():
-            # closed by the server (a restart, its idle timeout) or holding a stray
-            # reply: the pool does not always check (redis-py skips it when maintenance
-            # notifications may be on), and a command sent there is lost
-            await connection.disconnect()
-            await connection.connect()
+        return b"".join(packed)
+
+    async def _exchange(
+        self, connection: Any, batch: list[_Call], groups: list[list[int]], replies: list[Any]
+    ) -> None:
+        """Read the answers to ``groups`` (written on ``connection``): each call's reply
+        goes to its index in ``replies``."""
         answers: list[Any] = []
         try:
-            await connection.send_packed_command(b"".join(packed), check_health=False)
-            for _ in packed:
+            for _ in groups:
                 try:
                     answers.append(await connection.read_response())
                 except ResponseError as error:
@@ -727,21 +823,19 @@ class RedisCounters:
                 # Drop it, so the next one asks Sentinel (or DNS) where the master is now
                 await connection.disconnect(nowait=True)
         except BaseException:
-            # a write or read cut short (timeout, cancel, I/O): the stream is out of step
+            # a read cut short (timeout, cancel, I/O): the stream is out of step
             await connection.disconnect(nowait=True)
             raise
-        finally:
-            await pool.release(connection)
-        replies: list[Any] = []
         for group, answer in zip(groups, answers, strict=True):
             if isinstance(answer, Exception):
-                replies += [answer] * len(group)
+                for i in group:
+                    replies[i] = answer
             elif not isinstance(answer, list) or len(answer) != len(group):
                 raise RedisError(f"a batch of {len(group)} answered {str(answer)[:80]!r}")
             else:
                 # records answer lists; only texts may be a record's failure
-                replies += [_record(item) if item.__class__ is str else item for item in answer]
-        return replies
+                for i, item in zip(group, answer, strict=True):
+                    replies[i] = _record(item) if item.__class__ is str else item
 
 
 # a record's keys (the tenant's hash first, if any of its counters live there, then the
@@ -786,6 +880,44 @@ def _head(
 
 def _chunks(items: list[Any]) -> list[list[Any]]:
     return [items[start : start + MAX_BATCH] for start in range(0, len(items), MAX_BATCH)]
+
+
+def _grouped(batch: list[_Call]) -> list[list[int]]:
+    """A single server's script calls for ``batch``, by index: up to MAX_BATCH records
+    each; releases and refunds in calls of their own (FREEING), in the same write."""
+    if len(batch) <= MAX_BATCH and not any(call.frees for call in batch):
+        return [list(range(len(batch)))]
+    keep = [i for i, call in enumerate(batch) if not call.frees]
+    free = [i for i, call in enumerate(batch) if call.frees]
+    return _chunks(keep) + _chunks(free)
+
+
+def _open_writer(connection: Any) -> asyncio.StreamWriter | None:
+    """The stream a connection writes to, if it is open and the server has not closed
+    it; else None.
+
+    redis-py's asyncio connections keep their streams as ``_reader`` and ``_writer``
+    (every version since 4.2) and write only from a coroutine; a batch written straight
+    to the stream goes out in the turn that made it. Were they renamed, every batch
+    would take the coroutine's path (``send_packed_command``), slower but the same."""
+    reader = getattr(connection, "_reader", None)
+    writer = getattr(connection, "_writer", None)
+    if not isinstance(reader, asyncio.StreamReader) or not isinstance(writer, asyncio.StreamWriter):
+        return None
+    if reader.at_eof() or reader.exception() is not None or writer.is_closing():
+        return None
+    return writer
+
+
+async def _stale(connection: Any) -> bool:
+    """Closed by the server, failed, or holding a stray reply: a command sent there is
+    lost."""
+    writer = getattr(connection, "_writer", None)
+    if isinstance(writer, asyncio.StreamWriter) and _open_writer(connection) is None:
+        return True
+    # can_read since redis-py 8, can_read_destructive before
+    check = getattr(connection, "can_read", None) or connection.can_read_destructive
+    return bool(await check())
 
 
 def _record(answer: Any) -> Any:
