@@ -26,7 +26,7 @@ from servers import RedisServer, require_redis
 from tenantguard import Guard, parse_policy
 from tenantguard.decision import Decision
 from tenantguard.stores._breaker import CircuitBreaker
-from tenantguard.stores.redis_store import SPLIT, RedisCounters
+from tenantguard.stores.redis_store import EAGER, MIN_CONNECTIONS, RedisCounters
 
 MINUTE = 1_700_000_040.0  # a whole minute since the epoch
 TIMEOUT = 0.25
@@ -451,18 +451,21 @@ async def test_a_release_runs_when_redis_is_out_of_memory(server: RedisServer, u
 async def test_a_restarted_redis_is_counted_on_at_the_first_check(
     server: RedisServer, url: str
 ) -> None:
-    """The server closed the pooled connections when it stopped: the next check finds
-    that out before sending, and counts on a new connection instead of failing."""
+    """The server closed the store's connections when it stopped: the next checks find
+    that out before sending, and count on new connections instead of failing, even
+    when they come before the loop has read the connections' end."""
     rig = Rig(url, "deny")
     try:
-        assert not (await rig.guard.check("acme", "GET", "/api/x")).degraded
+        first = [rig.guard.check("acme", "GET", "/api/x") for _ in range(2 * EAGER)]
+        assert not any(decision.degraded for decision in await asyncio.gather(*first))
         server.stop()
         server.start()
-        for _ in range(3):
-            await asyncio.sleep(0)  # the loop reads the closed connections' end
-        decision = await rig.guard.check("acme", "GET", "/api/x")
-        assert not decision.degraded, decision.reason
-        assert decision.remaining == LIMIT - 1  # a fresh server: this is its first count
+        decisions = await asyncio.gather(
+            *(rig.guard.check(f"t{i}", "GET", "/api/x") for i in range(2 * EAGER))
+        )
+        assert not any(decision.degraded for decision in decisions), decisions[0].reason
+        # a fresh server: these are its first counts
+        assert {decision.remaining for decision in decisions} == {LIMIT - 1}
     finally:
         await rig.guard.close()
 
@@ -495,8 +498,28 @@ def test_an_unknown_url_option_is_refused_by_name() -> None:
 
 
 def test_too_few_connections_are_refused_with_the_number_needed() -> None:
-    """The store keeps SPLIT connections for its batches: a pool smaller than that plus
-    one would leave a slot's batches failing forever, so it is refused at start-up."""
-    with pytest.raises(ValueError, match=rf"max_connections=2: .* at least {SPLIT + 1}"):
-        RedisCounters.from_url("redis://127.0.0.1:1/0?max_connections=2")
-    RedisCounters.from_url(f"redis://127.0.0.1:1/0?max_connections={SPLIT + 1}")
+    """The store keeps connections for its batches and may need as many again at once
+    (reloading the function after a restart): a smaller pool would fail checks, so it
+    is refused at start-up."""
+    too_few = MIN_CONNECTIONS - 1
+    with pytest.raises(ValueError, match=rf"max_connections={too_few}: .* at least 6"):
+        RedisCounters.from_url(f"redis://127.0.0.1:1/0?max_connections={too_few}")
+    RedisCounters.from_url(f"redis://127.0.0.1:1/0?max_connections={MIN_CONNECTIONS}")
+
+
+async def test_a_reload_after_a_restart_fits_in_the_smallest_pool_allowed(
+    server: RedisServer,
+) -> None:
+    """After the server forgot the function, every batch in flight loads it again while
+    the store keeps its batch connections: the smallest pool allowed still answers."""
+    rig = Rig(f"{server.url}?clock=local&timeout=5&max_connections={MIN_CONNECTIONS}", "deny")
+    try:
+        for _ in range(3):
+            with server.client() as client:
+                client.function_flush()
+            decisions = await asyncio.gather(
+                *(rig.guard.check(f"t{i}", "GET", "/api/x") for i in range(40))
+            )
+            assert not any(decision.degraded for decision in decisions), decisions[0].reason
+    finally:
+        await rig.guard.close()

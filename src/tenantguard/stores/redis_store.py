@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import select
 from collections.abc import Awaitable, Sequence
 from functools import lru_cache, partial
 from importlib import resources
@@ -128,12 +129,17 @@ MAX_BATCH = 256
 # single server): the callers of one reply run (and queue their next checks) while Redis
 # works on the other, so client and server overlap instead of taking turns. Calls made
 # while every lane is busy wait for one to come back and go out together, so under load
-# batches grow instead of multiplying. A batch goes out as soon as it holds EAGER calls
-# and a lane is free, written at once rather than at the end of the loop's turn: Redis
-# starts on it while the rest of the turn's callers run. (Two batches written together
-# would be read by Redis together and answered together: client and server in lockstep.)
+# batches grow instead of multiplying. A batch goes out as soon as it holds a third of
+# the busy callers' calls (at least EAGER) and a lane is free, written at once rather
+# than at the end of the loop's turn: Redis starts on it while the rest of the turn's
+# callers run, and the next batch follows after them. (A turn's calls cut into batches
+# written together would be read by Redis together and answered together: client and
+# server would take turns, in lockstep.)
 SPLIT = 2
 EAGER = 8
+# a single server's pool: the lanes, a reload per batch in flight (after a restart that
+# forgot the function), a lane replacing a dropped one, a health check
+MIN_CONNECTIONS = 2 * SPLIT + 2
 RELEARN_EVERY = 1.0  # seconds between cluster map refreshes after connection failures
 
 
@@ -274,10 +280,12 @@ class RedisCounters:
             )
         if not cluster:
             wanted = client.connection_pool.max_connections
-            if wanted < SPLIT + 1:
+            if wanted < MIN_CONNECTIONS:
                 raise ValueError(
-                    f"max_connections={wanted}: the counters keep {SPLIT} connections for "
-                    f"their batches and need one more, so at least {SPLIT + 1}"
+                    f"max_connections={wanted}: the counters may need {MIN_CONNECTIONS} "
+                    f"connections at once ({SPLIT} kept for their batches, as many to load "
+                    "the function again, one replacing a dropped one, one for a health "
+                    f"check): at least {MIN_CONNECTIONS}"
                 )
         store = cls(
             client, cluster=cluster, timeout=timeout, server_clock=clock == "server", **options
@@ -351,6 +359,11 @@ class RedisCounters:
         # answer them all before the connections close
         while self._tasks or self._queue:
             self._send_queued()
+            if not self._tasks:
+                # queued with no batch to wait for (cannot happen): fail them, never spin
+                queued, self._queue = self._queue, []
+                self._fail(queued, RedisError("counter store closed"))
+                break
             await asyncio.gather(*self._tasks, return_exceptions=True)
         pool = None if self._cluster else self._client.connection_pool
         for slot, connection in enumerate(self._lanes):
@@ -488,7 +501,12 @@ class RedisCounters:
         loop = asyncio.get_running_loop()
         written = None
         if not self._cluster and loop.time() < deadline:
-            written = self._write_now(slot, batch)
+            try:
+                written = self._write_now(slot, batch)
+            except Exception:
+                # not written, or not wholly: the task sends it on a fresh connection
+                _log.exception("Redis counters: a batch could not be written")
+                self._drop_lane(slot, loop)
         task = loop.create_task(self._send(batch, deadline, slot, written))
         self._tasks.add(task)
         task.add_done_callback(partial(self._sent, batch, slot))
@@ -501,7 +519,9 @@ class RedisCounters:
         if connection is None or self._command is None:
             return None
         writer = _open_writer(connection)
-        if writer is None:
+        if writer is None or _readable(writer):
+            # closed by the server (a restart) before the loop has read its end: the
+            # task's connection check comes after the loop's next look at the socket
             return None
         groups = _grouped(batch)
         writer.write(self._packed(batch, groups))
@@ -606,18 +626,25 @@ class RedisCounters:
         self._tasks.discard(task)
         if task.cancelled():
             self._fail(batch, asyncio.CancelledError())
-            lane = self._lanes[slot]
-            if self._slots[slot] is batch and lane is not None:
+            if self._slots[slot] is batch:
                 # cancelled before it began: what was written is never read, so the
-                # lane's replies are out of step with its calls
-                self._lanes[slot] = None
-                retiring = task.get_loop().create_task(self._retire(lane))
-                self._tasks.add(retiring)
-                retiring.add_done_callback(self._tasks.discard)
+                # lane's replies would be out of step with its calls
+                self._drop_lane(slot, task.get_loop())
         elif (error := task.exception()) is not None:
             # a fault of this module's own: still, no caller may be left waiting
             self._fail(batch, error)
         self._release(slot, batch)
+
+    def _drop_lane(self, slot: int, loop: asyncio.AbstractEventLoop) -> None:
+        """Stop using the slot's connection (it may hold unread replies): closed and
+        given back to the pool in the background; the slot's next batch takes another."""
+        lane = self._lanes[slot]
+        if lane is None:
+            return
+        self._lanes[slot] = None
+        retiring = loop.create_task(self._retire(lane))
+        self._tasks.add(retiring)
+        retiring.add_done_callback(self._tasks.discard)
 
     async def _retire(self, connection: Any) -> None:
         await connection.disconnect(nowait=True)
@@ -663,8 +690,6 @@ class RedisCounters:
             again = await self._execute([batch[i] for i in missing], slot, None)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
-        if len(replies) != len(batch):  # else callers past the end would wait forever
-            raise RedisError(f"{len(replies)} replies to a pipeline of {len(batch)}")
         return replies
 
     async def _load(self) -> tuple[str, str]:
@@ -759,7 +784,7 @@ class RedisCounters:
             # read would be a second timer on every read
             connection.socket_timeout = None
             self._lanes[slot] = connection
-        elif connection.is_connected and await _stale(connection):
+        elif connection.is_connected and await _stale(connection, idle=True):
             await connection.disconnect()
         if not connection.is_connected:
             await connection.connect()
@@ -909,11 +934,25 @@ def _open_writer(connection: Any) -> asyncio.StreamWriter | None:
     return writer
 
 
-async def _stale(connection: Any) -> bool:
+def _readable(writer: asyncio.StreamWriter) -> bool:
+    """Has the connection's socket something to read (data, its end, an error) that the
+    loop has not read yet? On a lane with no batch in flight, only a closed connection
+    (or one out of step) has."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
+async def _stale(connection: Any, *, idle: bool = False) -> bool:
     """Closed by the server, failed, or holding a stray reply: a command sent there is
-    lost."""
+    lost. ``idle``: nothing was asked on it, so anything to read means the same."""
     writer = getattr(connection, "_writer", None)
-    if isinstance(writer, asyncio.StreamWriter) and _open_writer(connection) is None:
+    if isinstance(writer, asyncio.StreamWriter) and (
+        _open_writer(connection) is None or (idle and _readable(writer))
+    ):
         return True
     # can_read since redis-py 8, can_read_destructive before
     check = getattr(connection, "can_read", None) or connection.can_read_destructive
