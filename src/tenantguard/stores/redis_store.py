@@ -137,6 +137,7 @@ MAX_BATCH = 256
 # server would take turns, in lockstep.)
 SPLIT = 2
 EAGER = 8
+BATCHES = SPLIT + 1  # batches the busy callers' calls are cut into (see _answer)
 # a single server's pool: the lanes, a reload per batch in flight (after a restart that
 # forgot the function), a lane replacing a dropped one, a health check
 MIN_CONNECTIONS = 2 * SPLIT + 2
@@ -563,7 +564,7 @@ class RedisCounters:
         # as some may be running): a third of them makes a batch
         active = len(self._queue) + sum(len(b) for b in self._slots if b is not None)
         self._callers = max(active, self._callers * 63 // 64)
-        self._eager = max(EAGER, self._callers // (SPLIT + 1))
+        self._eager = max(EAGER, self._callers // BATCHES)
         unready = [
             r
             for r in replies
