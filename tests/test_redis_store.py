@@ -411,7 +411,7 @@ async def test_concurrent_applies_are_batched(target: Target) -> None:
     if len(target.nodes) == 1:
         # the first EAGER calls of the turn go out at once, while a slot is free; the
         # rest wait for one and then go out together: one script call per batch
-        assert calls == [EAGER] * SPLIT + [200 - EAGER * SPLIT], calls
+        assert sorted(calls) == [EAGER] * SPLIT + [200 - EAGER * SPLIT], calls
     else:
         # per batch, one trip per node and one script call per hash slot
         assert len(sends) <= (SPLIT + 1) * len(target.nodes), sends

@@ -955,9 +955,7 @@ async def _stale(connection: Any, *, idle: bool = False) -> bool:
         _open_writer(connection) is None or (idle and _readable(writer))
     ):
         return True
-    # can_read since redis-py 8, can_read_destructive before
-    check = getattr(connection, "can_read", None) or connection.can_read_destructive
-    return bool(await check())
+    return bool(await connection.can_read())
 
 
 def _record(answer: Any) -> Any:
