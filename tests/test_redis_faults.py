@@ -390,9 +390,9 @@ async def test_a_read_only_replica_counts_as_an_outage(server: RedisServer, url:
             decisions = [await rig.guard.check("acme", "GET", "/api/x") for _ in range(5)]
             # and the connection that reached it was dropped, so that the next one asks
             # Sentinel (or DNS) where the master is now
-            pool = rig.store._client.connection_pool
-            assert pool._available_connections, "a connection was used"
-            assert not any(c.is_connected for c in pool._available_connections)
+            lanes = [lane for lane in rig.store._lanes if lane is not None]
+            assert lanes, "a connection was used"
+            assert not any(lane.is_connected for lane in lanes)
         finally:
             await rig.guard.close()
     assert all(decision.degraded and decision.allowed for decision in decisions)
@@ -458,14 +458,15 @@ async def test_a_restarted_redis_is_counted_on_at_the_first_check(
     try:
         first = [rig.guard.check("acme", "GET", "/api/x") for _ in range(2 * EAGER)]
         assert not any(decision.degraded for decision in await asyncio.gather(*first))
-        server.stop()
-        server.start()
-        decisions = await asyncio.gather(
-            *(rig.guard.check(f"t{i}", "GET", "/api/x") for i in range(2 * EAGER))
-        )
-        assert not any(decision.degraded for decision in decisions), decisions[0].reason
-        # a fresh server: these are its first counts
-        assert {decision.remaining for decision in decisions} == {LIMIT - 1}
+        for restart in range(3):  # each restart forgets the function, and every connection
+            server.stop()
+            server.start()
+            decisions = await asyncio.gather(
+                *(rig.guard.check(f"t{i}", "GET", "/api/x") for i in range(2 * EAGER))
+            )
+            assert not any(d.degraded for d in decisions), (restart, decisions[0].reason)
+            # a fresh server: these are its first counts
+            assert {decision.remaining for decision in decisions} == {LIMIT - 1}
     finally:
         await rig.guard.close()
 
@@ -473,19 +474,27 @@ async def test_a_restarted_redis_is_counted_on_at_the_first_check(
 async def test_a_refused_login_says_why_and_the_log_says_when_the_circuit_opens(
     server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Once per outage: the probes that fail after it (one per cooldown) open the circuit
+    again without a word, and the checks it refuses say what the last failure was."""
     with server.client() as client:
         client.acl_setuser("tg", enabled=True, passwords=["+right"], commands=["+@all"])
     wrong = server.url.replace("redis://", "redis://tg:wrong@") + "?clock=local"
     rig = Rig(wrong + f"&timeout={TIMEOUT}", "allow")
     try:
         with caplog.at_level(logging.WARNING, logger="tenantguard.redis"):
-            decisions = [await rig.guard.check("acme", "GET", "/api/x") for _ in range(3)]
+            decisions = [await rig.guard.check("acme", "GET", "/api/x") for _ in range(4)]
+            for _ in range(3):  # probes, each failing
+                rig.breaker_clock.now += COOLDOWN
+                decisions.append(await rig.guard.check("acme", "GET", "/api/x"))
     finally:
         await rig.guard.close()
         with server.client() as client:
             client.acl_deluser("tg")
     assert all(decision.degraded for decision in decisions)
     assert "AuthenticationError" in str(decisions[0].reason), decisions[0].reason
+    # the fourth was refused by the open circuit, which names the last failure
+    assert "circuit is open" in str(decisions[3].reason), decisions[3].reason
+    assert "AuthenticationError" in str(decisions[3].reason), decisions[3].reason
     opened = [r.getMessage() for r in caplog.records if "circuit open" in r.getMessage()]
     assert len(opened) == 1, caplog.records
     assert "AuthenticationError" in opened[0]
@@ -498,11 +507,13 @@ def test_an_unknown_url_option_is_refused_by_name() -> None:
 
 
 def test_too_few_connections_are_refused_with_the_number_needed() -> None:
-    """The store keeps connections for its batches and may need as many again at once
-    (reloading the function after a restart): a smaller pool would fail checks, so it
-    is refused at start-up."""
+    """The store keeps connections for its batches and may need more at once (replacing
+    a dropped one, a health check): a smaller pool would fail checks, so it is refused
+    at start-up."""
     too_few = MIN_CONNECTIONS - 1
-    with pytest.raises(ValueError, match=rf"max_connections={too_few}: .* at least 6"):
+    with pytest.raises(
+        ValueError, match=rf"max_connections={too_few}: .* at least {MIN_CONNECTIONS}"
+    ):
         RedisCounters.from_url(f"redis://127.0.0.1:1/0?max_connections={too_few}")
     RedisCounters.from_url(f"redis://127.0.0.1:1/0?max_connections={MIN_CONNECTIONS}")
 
@@ -523,3 +534,23 @@ async def test_a_reload_after_a_restart_fits_in_the_smallest_pool_allowed(
             assert not any(decision.degraded for decision in decisions), decisions[0].reason
     finally:
         await rig.guard.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis:/127.0.0.1:6390", r"redis:/127.0.0.1:6390: the host is missing"),
+        ("redis:///0", r"the host is missing \(expected redis://host:port/db\)"),
+        ("redis://127.0.0.1:6390/abc", r"/abc: a Redis database is a number"),
+        (
+            "redis://127.0.0.1:6390/0?ssl_cert_reqs=none",
+            r"ssl_cert_reqs: a TLS option, for rediss://",
+        ),
+        ("unix://", r"unix://: the socket's path is missing"),
+    ],
+)
+def test_an_address_redis_py_would_read_as_another_is_refused(url: str, message: str) -> None:
+    """redis-py reads a URL without a host as the default server and a database that is
+    not a number as database 0: counters would go somewhere else than meant."""
+    with pytest.raises(ValueError, match=message):
+        RedisCounters.from_url(url)

@@ -1146,3 +1146,30 @@ async def test_a_batch_cancelled_before_its_task_began_leaves_no_reply_behind(
     finally:
         await store.close()
     assert [outcome[0][2] for outcome in later] == [49] * (3 * EAGER)
+
+
+async def test_calls_queued_past_their_timeout_are_not_sent_nor_held_against_redis(
+    single: Target,
+) -> None:
+    """Calls that waited in this process for longer than the timeout (a busy event loop,
+    or slow batches ahead) are answered with an error and not sent, as they would count
+    for no one. Redis was not asked: the breaker stays closed, however often it happens."""
+    store = single.store()
+    spec = CounterSpec("fw|fixed-window|60", "fixed-window", 60.0, 1000, 1000, True)
+    try:
+        await store.apply((spec,), ["acme"], 1, None, T, "acme")
+        for _ in range(2 * store.breaker.threshold):
+            sent = [
+                store.apply((spec,), ["acme"], 1, None, T, "acme") for _ in range(SPLIT * EAGER)
+            ]
+            late = [store.apply((spec,), ["late"], 1, None, T, "late") for _ in range(5)]
+            store._queued_at -= 10.0  # as if queued ten seconds ago: timeout=5
+            assert all(outcome[0][0] for outcome in await asyncio.gather(*sent))
+            failed = await asyncio.gather(*late, return_exceptions=True)
+            assert all(isinstance(error, StoreError) for error in failed), failed
+            assert "not sent: queued for longer than the timeout (5 s)" in str(failed[0])
+            assert store.breaker.state == "closed"
+        with single.clients() as clients:
+            assert not clients[0].exists(counter_key("late", spec.table, "late", scoped=True)[0])
+    finally:
+        await store.close()

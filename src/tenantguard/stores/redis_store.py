@@ -118,6 +118,23 @@ def counter_key(tenant: str, table: str, key: str, *, scoped: bool) -> tuple[str
     return f"{_PREFIX}:{{~{_part(key)}}}:{_table_part(table)}", ""
 
 
+def _check_address(parts: SplitResult) -> None:
+    """redis-py reads a URL without a host as the default server, and a database that
+    is not a number as database 0: both would count somewhere else than meant."""
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("unix://: the socket's path is missing (unix:///path/to/socket)")
+        return
+    if not parts.hostname:
+        raise ValueError(
+            f"{urlunsplit((parts.scheme, '', parts.path, '', ''))}: the host is missing"
+            f" (expected {parts.scheme}://host:port/db)"
+        )
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"/{db}: a Redis database is a number, such as /0")
+
+
 def _tag(redis_key: str) -> str:
     return redis_key[redis_key.index("{") : redis_key.index("}") + 1]
 
@@ -138,9 +155,8 @@ MAX_BATCH = 256
 SPLIT = 2
 EAGER = 8
 BATCHES = SPLIT + 1  # batches the busy callers' calls are cut into (see _answer)
-# a single server's pool: the lanes, a reload per batch in flight (after a restart that
-# forgot the function), a lane replacing a dropped one, a health check
-MIN_CONNECTIONS = 2 * SPLIT + 2
+# a single server's pool: the lanes, a lane replacing a dropped one, a health check
+MIN_CONNECTIONS = SPLIT + 2
 RELEARN_EVERY = 1.0  # seconds between cluster map refreshes after connection failures
 
 
@@ -189,6 +205,8 @@ class RedisCounters:
         self._scheduled = False
         self._queued_at = 0.0  # when the oldest queued call was made (loop time)
         self._eager = EAGER  # queued calls that go out at once if a slot is free
+        self._loading = asyncio.Lock()
+        self._last_error = ""  # the last failure's description, for refused calls
         self._callers = 0  # busy callers, as last seen (see _answer)
         # the batch in flight on each of the SPLIT slots (None: free); on a single server
         # each slot has a lane, a connection kept from the pool for its batches alone
@@ -235,6 +253,8 @@ class RedisCounters:
             # connection is made: say so now, naming it
             found = re.search(r"argument '(\w+)'", str(error))
             name = found.group(1) if found else str(error)
+            if name.startswith("ssl") and not parts.scheme.startswith("rediss"):
+                raise ValueError(f"{name}: a TLS option, for rediss:// URLs") from None
             raise ValueError(f"{name}: not an option of a Redis URL") from None
 
     @classmethod
@@ -251,6 +271,7 @@ class RedisCounters:
         extras: list[Any] = []  # clients to close beside the main one (sentinels)
         scheme = parts.scheme
         if scheme in ("redis", "rediss", "unix"):
+            _check_address(parts)
             plain = urlunsplit((scheme, parts.netloc, parts.path, rest, ""))
             client: Any = aioredis.Redis.from_url(plain, **common)
             pool = client.connection_pool
@@ -284,9 +305,8 @@ class RedisCounters:
             if wanted < MIN_CONNECTIONS:
                 raise ValueError(
                     f"max_connections={wanted}: the counters may need {MIN_CONNECTIONS} "
-                    f"connections at once ({SPLIT} kept for their batches, as many to load "
-                    "the function again, one replacing a dropped one, one for a health "
-                    f"check): at least {MIN_CONNECTIONS}"
+                    f"connections at once ({SPLIT} kept for their batches, one replacing a "
+                    f"dropped one, one for a health check): at least {MIN_CONNECTIONS}"
                 )
         store = cls(
             client, cluster=cluster, timeout=timeout, server_clock=clock == "server", **options
@@ -469,7 +489,10 @@ class RedisCounters:
             STORE_ERRORS.labels(store="redis", kind="circuit_open").inc()
             failed: asyncio.Future[Any] = loop.create_future()
             failed.set_exception(
-                StoreError("counter store circuit is open after repeated failures")
+                StoreError(
+                    "counter store circuit is open after repeated failures"
+                    f" (last: {self._last_error})"
+                )
             )
             return failed
         call = _Call(keys, args, loop.create_future(), decided, frees)
@@ -540,15 +563,27 @@ class RedisCounters:
     ) -> None:
         try:
             if written is None and asyncio.get_running_loop().time() >= deadline:
-                # queued past its timeout behind slow batches: do not send what no one
-                # waits for (it would count); a slow server is an outage like a dead one
-                self._fail(batch, TimeoutError("timed out waiting for earlier batches"))
+                # queued past its timeout (behind slow batches, or in a process busier
+                # than the timeout): do not send what no one waits for (it would count).
+                # The server was not asked, so this says nothing of it to the breaker;
+                # the batches ahead, if slow, report for themselves
+                STORE_ERRORS.labels(store="redis", kind="expired_unsent").inc()
+                error = TimeoutError(
+                    f"not sent: queued for longer than the timeout ({self._timeout:g} s)"
+                )
+                for call in batch:
+                    _settle(call, error, f"counter store failed: {_describe(error)}")
                 return
             try:
                 # a timeout scope, not wait_for: no extra task per batch on the hot path
                 async with asyncio.timeout_at(deadline):
                     replies = await self._pipeline(batch, slot, written)
             except Exception as error:
+                if isinstance(error, TimeoutError) and not str(error):
+                    error = TimeoutError(
+                        f"no answer within the timeout ({self._timeout:g} s from the check,"
+                        " time queued in this process included)"
+                    )
                 self._fail(batch, error)
                 if self._cluster and isinstance(error, _UNREACHABLE):
                     self._relearn_slots()
@@ -659,12 +694,14 @@ class RedisCounters:
         self.breaker.failure()
         kind = "timeout" if isinstance(error, TimeoutError) else type(error).__name__
         STORE_ERRORS.labels(store="redis", kind=kind).inc()
-        if was != "open" and self.breaker.state == "open":
-            _log.warning("Redis counters unavailable, circuit open: %s", _describe(error))
+        self._last_error = _describe(error)
+        # once per outage: a failed probe (half-open) opens it again without a word
+        if was == "closed" and self.breaker.state == "open":
+            _log.warning("Redis counters unavailable, circuit open: %s", self._last_error)
 
     def _answered(self) -> None:
         if self.breaker.state != "closed":
-            _log.warning("Redis counters answer again, circuit closed")
+            _log.info("Redis counters answer again, circuit closed")
         self.breaker.success()
 
     def _fail(self, batch: list[_Call], error: BaseException) -> None:
@@ -676,9 +713,15 @@ class RedisCounters:
     async def _pipeline(
         self, batch: list[_Call], slot: int, written: list[list[int]] | None
     ) -> list[Any]:
+        # a single server's batch goes on its lane, loads included: the lane is checked
+        # (and connected again if need be) before anything is sent on it
+        lane = None
+        if not self._cluster:
+            lane = self._lanes[slot] if written is not None else await self._lane(slot)
         if self._command is None:
-            self._command = await self._load()
-        replies = await self._execute(batch, slot, written)
+            await self._ensure_loaded(lane, None)
+        seen = self._command
+        replies = await self._execute(batch, lane, written)
         missing = [
             i
             for i, reply in enumerate(replies)
@@ -687,16 +730,28 @@ class RedisCounters:
         if missing:
             # a restart (without persistence), a failover or a flush forgot the function or
             # the script: load it again, resend those calls
-            self._command = await self._load()
-            again = await self._execute([batch[i] for i in missing], slot, None)
+            await self._ensure_loaded(lane, seen)
+            again = await self._execute([batch[i] for i in missing], lane, None)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
 
-    async def _load(self) -> tuple[str, str]:
-        """Load the counters as a function if the server has them, else as a script."""
+    async def _ensure_loaded(self, lane: Any, stale: tuple[str, str] | None) -> None:
+        """Load the counters, unless another batch did since ``stale`` was current (None:
+        never loaded): the batches in flight after a restart load them once."""
+        async with self._loading:
+            if self._command is stale:
+                self._command = await self._load(lane)
+
+    async def _load(self, lane: Any) -> tuple[str, str]:
+        """Load the counters as a function if the server has them, else as a script; on
+        a single server, on the batch's lane (a pooled connection may be one the server
+        closed when it restarted, which redis-py would not notice before using it)."""
         try:
-            await self._client.function_load(LIBRARY, replace=True)
+            if lane is None:
+                await self._client.function_load(LIBRARY, replace=True)
+            else:
+                await _ask(lane, "FUNCTION", "LOAD", "REPLACE", LIBRARY)
         except ReadOnlyError:
             # a replica, such as a demoted master: drop its connections, so the next ones
             # ask Sentinel (or DNS) where the master is now
@@ -710,27 +765,27 @@ class RedisCounters:
         else:
             _log.info("Redis counters loaded as the function library %s", FUNCTION)
             return "FCALL", FUNCTION
-        loaded = await self._client.script_load(SCRIPT)
+        if lane is None:
+            loaded = await self._client.script_load(SCRIPT)
+        else:
+            loaded = await _ask(lane, "SCRIPT", "LOAD", SCRIPT)
         # a cluster loads it on every primary and may answer per node
         sha = next(iter(loaded.values())) if isinstance(loaded, dict) else loaded
         _log.info("Redis counters loaded as the script %s (no function: %s)", sha, refused)
         return "EVALSHA", str(sha)
 
     async def _execute(
-        self, batch: list[_Call], slot: int, written: list[list[int]] | None
+        self, batch: list[_Call], lane: Any, written: list[list[int]] | None
     ) -> list[Any]:
         """One reply per call: the record's answer or the exception that stopped it."""
         replies: list[Any] = [None] * len(batch)
-        if not self._cluster:
-            # on the slot's lane; what ``_write_now`` wrote is only read here
+        if lane is not None:
+            # a single server; what ``_write_now`` wrote is only read here
             if written is None:
-                connection = await self._lane(slot)
                 written = _grouped(batch)
                 packed = self._packed(batch, written)
-                await connection.send_packed_command(packed, check_health=False)
-            else:
-                connection = self._lanes[slot]
-            await self._exchange(connection, batch, written, replies)
+                await lane.send_packed_command(packed, check_health=False)
+            await self._exchange(lane, batch, written, replies)
             return replies
         # a cluster script may only touch one slot: a call per hash tag, pipelined per node
         tags: dict[tuple[str, bool], list[int]] = {}
@@ -933,6 +988,19 @@ def _open_writer(connection: Any) -> asyncio.StreamWriter | None:
     if reader.at_eof() or reader.exception() is not None or writer.is_closing():
         return None
     return writer
+
+
+async def _ask(connection: Any, *args: str) -> Any:
+    """One command and its reply on ``connection``; dropped if the exchange is cut short
+    (an error reply leaves it in step)."""
+    try:
+        await connection.send_command(*args, check_health=False)
+        return await connection.read_response()
+    except ResponseError:
+        raise
+    except BaseException:
+        await connection.disconnect(nowait=True)
+        raise
 
 
 def _readable(writer: asyncio.StreamWriter) -> bool:
