@@ -525,13 +525,34 @@ async def test_a_reload_after_a_restart_fits_in_the_smallest_pool_allowed(
     the store keeps its batch connections: the smallest pool allowed still answers."""
     rig = Rig(f"{server.url}?clock=local&timeout=5&max_connections={MIN_CONNECTIONS}", "deny")
     try:
-        for _ in range(3):
-            with server.client() as client:
-                client.function_flush()
-            decisions = await asyncio.gather(
-                *(rig.guard.check(f"t{i}", "GET", "/api/x") for i in range(40))
-            )
+        for round_ in range(4):
+            if round_ % 2:
+                server.stop()
+                server.start()
+            else:
+                with server.client() as client:
+                    client.function_flush()
+            checks = [rig.guard.check(f"t{i}", "GET", "/api/x") for i in range(40)]
+            # health checks meanwhile, overlapping: they share one connection
+            pings = [rig.store.ping() for _ in range(5)]
+            decisions = await asyncio.gather(*checks)
             assert not any(decision.degraded for decision in decisions), decisions[0].reason
+            assert await asyncio.gather(*pings) == [True] * 5
+    finally:
+        await rig.guard.close()
+
+
+async def test_a_health_check_after_a_restart_says_redis_is_up(server: RedisServer) -> None:
+    """The pooled connection of the last health check was closed by the restart: the
+    next one finds that out and asks on a new connection, rather than saying "down"
+    while checks count normally."""
+    rig = Rig(f"{server.url}?clock=local&timeout=5", "deny")
+    try:
+        assert await rig.store.ping()
+        for _ in range(3):
+            server.stop()
+            server.start()
+            assert await rig.store.ping()
     finally:
         await rig.guard.close()
 
@@ -539,14 +560,19 @@ async def test_a_reload_after_a_restart_fits_in_the_smallest_pool_allowed(
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("redis:/127.0.0.1:6390", r"redis:/127.0.0.1:6390: the host is missing"),
-        ("redis:///0", r"the host is missing \(expected redis://host:port/db\)"),
+        ("redis:/127.0.0.1:6390", r"no host in the redis:// URL \(its path is '/127.0"),
+        ("redis:///0", r"no host .*; expected redis://host:port/"),
+        ("redis+sentinel:///mymaster", r"no host in the redis\+sentinel:// URL"),
         ("redis://127.0.0.1:6390/abc", r"/abc: a Redis database is a number"),
+        ("redis://127.0.0.1:6390/²", r"/²: a Redis database is a number"),
+        ("redis+cluster://127.0.0.1:7000/abc", r"/abc: a Redis database is a number"),
+        ("redis+sentinel://127.0.0.1:26379/mymaster/abc", r"/abc: a Redis database"),
+        ("unix://var/run/redis.sock", r"a socket's path goes after three slashes"),
         (
             "redis://127.0.0.1:6390/0?ssl_cert_reqs=none",
             r"ssl_cert_reqs: a TLS option, for rediss://",
         ),
-        ("unix://", r"unix://: the socket's path is missing"),
+        ("unix://", r"a socket's path goes after three slashes"),
     ],
 )
 def test_an_address_redis_py_would_read_as_another_is_refused(url: str, message: str) -> None:

@@ -119,20 +119,27 @@ def counter_key(tenant: str, table: str, key: str, *, scoped: bool) -> tuple[str
 
 
 def _check_address(parts: SplitResult) -> None:
-    """redis-py reads a URL without a host as the default server, and a database that
-    is not a number as database 0: both would count somewhere else than meant."""
+    """redis-py reads a URL without a host as the default server, a database that is
+    not a number as database 0, and ``unix://path`` (two slashes) without its first
+    part: each would count somewhere else than meant."""
     if parts.scheme == "unix":
-        if not parts.path:
-            raise ValueError("unix://: the socket's path is missing (unix:///path/to/socket)")
+        if parts.netloc.rpartition("@")[2] or not parts.path:
+            raise ValueError(
+                f"{urlunsplit(parts)}: a socket's path goes after three slashes, as in"
+                " unix:///var/run/redis.sock"
+            )
         return
     if not parts.hostname:
         raise ValueError(
-            f"{urlunsplit((parts.scheme, '', parts.path, '', ''))}: the host is missing"
-            f" (expected {parts.scheme}://host:port/db)"
+            f"no host in the {parts.scheme}:// URL (its path is {parts.path!r});"
+            f" expected {parts.scheme}://host:port/…"
         )
-    db = parts.path.strip("/")
-    if db and not db.isdigit():
-        raise ValueError(f"/{db}: a Redis database is a number, such as /0")
+    pieces = [piece for piece in parts.path.split("/") if piece]
+    if parts.scheme == "redis+sentinel":
+        pieces = pieces[1:]  # the service name comes first
+    for db in pieces[:1]:
+        if not re.fullmatch("[0-9]+", db):
+            raise ValueError(f"/{db}: a Redis database is a number, such as /0")
 
 
 def _tag(redis_key: str) -> str:
@@ -206,13 +213,15 @@ class RedisCounters:
         self._queued_at = 0.0  # when the oldest queued call was made (loop time)
         self._eager = EAGER  # queued calls that go out at once if a slot is free
         self._loading = asyncio.Lock()
+        self._loads = 0  # loads of the counters so far
+        self._pinging: asyncio.Task[bool] | None = None
         self._last_error = ""  # the last failure's description, for refused calls
         self._callers = 0  # busy callers, as last seen (see _answer)
         # the batch in flight on each of the SPLIT slots (None: free); on a single server
         # each slot has a lane, a connection kept from the pool for its batches alone
         self._slots: list[list[_Call] | None] = [None] * SPLIT
         self._lanes: list[Any] = [None] * SPLIT
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._node_options: dict[str, Any] = {}
         self._node_url = ("redis", "", "")  # scheme, user info, query of the nodes' URLs
         self._nodes: dict[str, Any] = {}  # cluster: a plain client per node, for pipelines
@@ -278,10 +287,12 @@ class RedisCounters:
             pool.connection_class(**pool.connection_kwargs)  # unknown options raise here
             cluster = False
         elif scheme in ("redis+cluster", "rediss+cluster"):
+            _check_address(parts)
             plain = urlunsplit((scheme.split("+")[0], parts.netloc, parts.path, rest, ""))
             client = RedisCluster.from_url(plain, **common)
             cluster = True
         elif scheme == "redis+sentinel":
+            _check_address(parts)
             hosts = []
             for host in parts.netloc.rpartition("@")[2].split(","):
                 name, _, port = host.partition(":")
@@ -396,8 +407,31 @@ class RedisCounters:
         await self._client.aclose()
 
     async def ping(self) -> bool:
+        """Does Redis answer within the timeout? Health checks made meanwhile share one
+        ping, so overlapping probes need one connection, not one each."""
+        pinging = self._pinging
+        if pinging is None or pinging.done():
+            pinging = asyncio.get_running_loop().create_task(self._ping())
+            self._pinging = pinging
+            self._tasks.add(pinging)
+            pinging.add_done_callback(self._tasks.discard)
+        # shielded: a probe that gives up does not cancel the others' answer
+        return await asyncio.shield(pinging)
+
+    async def _ping(self) -> bool:
         try:
-            return bool(await asyncio.wait_for(self._client.ping(), self._timeout))
+            async with asyncio.timeout(self._timeout):
+                if self._cluster:
+                    return bool(await self._client.ping())
+                # on a checked connection: a pooled one the server closed (a restart, its
+                # idle timeout) would answer "down" once while checks count normally
+                pool = self._client.connection_pool
+                connection = await pool.get_connection()
+                try:
+                    await _fresh(connection)
+                    return bool(await _ask(connection, "PING"))
+                finally:
+                    await pool.release(connection)
         except (RedisError, OSError, TimeoutError):
             return False
 
@@ -701,7 +735,7 @@ class RedisCounters:
 
     def _answered(self) -> None:
         if self.breaker.state != "closed":
-            _log.info("Redis counters answer again, circuit closed")
+            _log.warning("Redis counters answer again, circuit closed")
         self.breaker.success()
 
     def _fail(self, batch: list[_Call], error: BaseException) -> None:
@@ -719,8 +753,8 @@ class RedisCounters:
         if not self._cluster:
             lane = self._lanes[slot] if written is not None else await self._lane(slot)
         if self._command is None:
-            await self._ensure_loaded(lane, None)
-        seen = self._command
+            await self._ensure_loaded(lane, 0)
+        seen = self._loads
         replies = await self._execute(batch, lane, written)
         missing = [
             i
@@ -736,12 +770,13 @@ class RedisCounters:
                 replies[i] = reply
         return replies
 
-    async def _ensure_loaded(self, lane: Any, stale: tuple[str, str] | None) -> None:
-        """Load the counters, unless another batch did since ``stale`` was current (None:
-        never loaded): the batches in flight after a restart load them once."""
+    async def _ensure_loaded(self, lane: Any, seen: int) -> None:
+        """Load the counters, unless another batch did since load number ``seen`` (0:
+        none yet): the batches in flight after a restart load them once."""
         async with self._loading:
-            if self._command is stale:
+            if self._loads == seen:
                 self._command = await self._load(lane)
+                self._loads += 1
 
     async def _load(self, lane: Any) -> tuple[str, str]:
         """Load the counters as a function if the server has them, else as a script; on
@@ -840,10 +875,7 @@ class RedisCounters:
             # read would be a second timer on every read
             connection.socket_timeout = None
             self._lanes[slot] = connection
-        elif connection.is_connected and await _stale(connection, idle=True):
-            await connection.disconnect()
-        if not connection.is_connected:
-            await connection.connect()
+        await _fresh(connection)
         return connection
 
     async def _send_pooled(
@@ -854,11 +886,7 @@ class RedisCounters:
         pool = client.connection_pool
         connection = await pool.get_connection()
         try:
-            if await _stale(connection):
-                # the pool does not always check (redis-py skips it when maintenance
-                # notifications may be on)
-                await connection.disconnect()
-                await connection.connect()
+            await _fresh(connection)
             await connection.send_packed_command(packed, check_health=False)
             await self._exchange(connection, batch, groups, replies)
         finally:
@@ -912,6 +940,8 @@ class RedisCounters:
                 for i in group:
                     replies[i] = answer
             elif not isinstance(answer, list) or len(answer) != len(group):
+                # not the reply of this call: whatever the connection holds is suspect
+                await connection.disconnect(nowait=True)
                 raise RedisError(f"a batch of {len(group)} answered {str(answer)[:80]!r}")
             else:
                 # records answer lists; only texts may be a record's failure
@@ -1013,6 +1043,17 @@ def _readable(writer: asyncio.StreamWriter) -> bool:
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     return bool(poller.poll(0))
+
+
+async def _fresh(connection: Any) -> None:
+    """Connect ``connection`` (idle: nothing asked on it) again if it was dropped or the
+    server closed it (a restart, its idle timeout): a command sent there would be lost.
+    redis-py's pool does not always check (it skips it when maintenance notifications
+    may be on)."""
+    if connection.is_connected and await _stale(connection, idle=True):
+        await connection.disconnect()
+    if not connection.is_connected:
+        await connection.connect()
 
 
 async def _stale(connection: Any, *, idle: bool = False) -> bool:
