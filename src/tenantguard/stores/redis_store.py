@@ -397,11 +397,10 @@ class RedisCounters:
                 self._fail(queued, RedisError("counter store closed"))
                 break
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        pool = None if self._cluster else self._client.connection_pool
-        for slot, connection in enumerate(self._lanes):
-            if connection is not None and pool is not None:
-                self._lanes[slot] = None
-                await pool.release(connection)
+        lanes = [lane for lane in self._lanes if lane is not None]
+        self._lanes = [None] * SPLIT
+        for lane in lanes:  # a single server's: back to the pool, which closes them
+            await self._client.connection_pool.release(lane)
         for other in (*self._nodes.values(), *self._owned):
             await other.aclose()
         await self._client.aclose()
