@@ -43,7 +43,8 @@ from limits import RateLimitItemPerMinute, storage, strategies
 
 from tenantguard import Guard, parse_policy
 from tenantguard.stores import CounterSpec
-from tenantguard.stores.redis_store import FUNCTION, LIBRARY, _head, _layout, counter_key
+from tenantguard.stores._redis_records import layout, record_head
+from tenantguard.stores.redis_store import FUNCTION, LIBRARY, counter_key
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -297,7 +298,7 @@ def counters_argv(control: redis.Redis, records: int = 1) -> list[str]:
         CounterSpec("tenant-bucket|token-bucket|10", "token-bucket", 10.0, 200, 200, True),
     )
     places = [counter_key("t", spec.table, "t", scoped=True) for spec in specs]
-    record = _head("apply", "", 1, None, 1, _layout(specs, places)[1])
+    record = record_head("apply", "", 1, None, 1, layout(specs, places)[1])
     keys = ["tg:{t__rand_int__}"] * records
     return ["FCALL", FUNCTION, str(len(keys)), *keys, *record * records]
 

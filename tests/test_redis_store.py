@@ -23,14 +23,13 @@ from servers import RedisCluster, RedisSentinel, RedisServer
 from tenantguard import Decision, Guard, RuleCheck, parse_policy
 from tenantguard.errors import StoreError
 from tenantguard.stores import CounterSpec, open_counters
+from tenantguard.stores._redis_conn import open_writer
+from tenantguard.stores._redis_records import layout, record_head
 from tenantguard.stores.redis_store import (
     EAGER,
     MAX_BATCH,
     SPLIT,
     RedisCounters,
-    _head,
-    _layout,
-    _open_writer,
     counter_key,
 )
 
@@ -869,9 +868,9 @@ async def test_a_refund_that_cannot_read_a_key_gives_nothing_back(single: Target
         broken = counter_key("acme", spec.table, "b", scoped=True)
         with single.clients() as (client,):
             client.lpush(broken[0], "not a counter")
-        keys, words = _layout([spec, spec], [kept, broken])
+        keys, words = layout([spec, spec], [kept, broken])
         with pytest.raises(StoreError, match="WRONGTYPE"):
-            await store._call(keys, _head("refund", repr(T), 3, None, len(keys), words))
+            await store._call(keys, record_head("refund", repr(T), 3, None, len(keys), words))
         assert (await store.apply([spec], ["a"], 1, None, T, "acme"))[0][2] == 6  # 3 + 1 used
     finally:
         await store.close()
@@ -1100,7 +1099,7 @@ async def test_a_batch_is_written_in_the_turn_that_made_it(single: Target) -> No
         )
         lanes = [lane for lane in store._lanes if lane is not None]
         assert lanes
-        assert all(_open_writer(lane) is not None for lane in lanes)
+        assert all(open_writer(lane) is not None for lane in lanes)
         slow: list[int] = []
         for lane in lanes:
             original = lane.send_packed_command

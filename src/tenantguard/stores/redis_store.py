@@ -24,12 +24,11 @@ import contextlib
 import hashlib
 import logging
 import re
-import select
 from collections.abc import Awaitable, Sequence
-from functools import lru_cache, partial
+from functools import partial
 from importlib import resources
 from typing import Any
-from urllib.parse import SplitResult, parse_qs, quote, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 
 from hiredis import pack_command
 from redis import asyncio as aioredis
@@ -37,24 +36,40 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import (
     AskError,
-    BusyLoadingError,
-    ClusterDownError,
-    MasterDownError,
     MovedError,
-    NoScriptError,
     ReadOnlyError,
     RedisError,
     ResponseError,
     TryAgainError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tenantguard._metrics import STORE_ERRORS
-from tenantguard.algorithms import NEVER, Outcome
+from tenantguard.algorithms import Outcome
 from tenantguard.errors import StoreError
 from tenantguard.stores._base import CounterSpec
 from tenantguard.stores._breaker import CircuitBreaker
+from tenantguard.stores._redis_conn import (
+    NO_FUNCTIONS,
+    UNREACHABLE,
+    ask,
+    demoted,
+    describe,
+    forgotten,
+    has_unread,
+    is_unready,
+    open_writer,
+    refresh,
+)
+from tenantguard.stores._redis_records import (
+    CACHED,
+    counter_key,
+    hash_tag,
+    layout,
+    outcomes_of,
+    record_answer,
+    record_head,
+    table_part,
+)
 
 __all__ = ["RedisCounters", "counter_key"]
 
@@ -74,48 +89,6 @@ LIBRARY = (
 )
 # As a script, where functions are not to be had (Redis 6, no FUNCTION permission)
 SCRIPT = f"{_SOURCE}\nreturn run(script_inputs())\n"
-_CODES = {
-    "fixed-window": "f",
-    "sliding-window": "s",
-    "token-bucket": "t",
-    "gcra": "g",
-    "concurrency": "c",
-}
-_PREFIX = "tg"
-_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")
-
-
-def _part(text: str) -> str:
-    """Percent-encode every byte but letters, digits and ``_.-~``.
-
-    So a braces, colons, ``*``, spaces or unicode in a tenant id can neither end the hash
-    tag early nor make two different (tag, table, key) triples spell one Redis key.
-    Ids that need no escaping (most) skip ``quote``, which costs a microsecond.
-    """
-    return text if _SAFE.fullmatch(text) else quote(text, safe="")
-
-
-@lru_cache(maxsize=4096)
-def _table_part(table: str) -> str:
-    # tables are few and named by the policy ("rule|algorithm|window"): encode each once
-    return _part(table)
-
-
-def counter_key(tenant: str, table: str, key: str, *, scoped: bool) -> tuple[str, str]:
-    """Where a counter lives: ``(redis key, field)``.
-
-    A tenant's own counters (keyed by the tenant alone) are fields of one hash,
-    ``tg:{tenant}``, named by their table: one key per tenant to read, write and expire,
-    whatever the number of rules. Counters per client within a tenant have no bound on
-    their number, so each is a string key of its own (field ``""``) that expires alone:
-    ``tg:{tenant}:table:key``. Counters not keyed by tenant tag by their own key.
-    """
-    if scoped:
-        tag = _part(tenant)
-        if key == tenant:
-            return f"{_PREFIX}:{{{tag}}}", _table_part(table)
-        return f"{_PREFIX}:{{{tag}}}:{_table_part(table)}:{_part(key)}", ""
-    return f"{_PREFIX}:{{~{_part(key)}}}:{_table_part(table)}", ""
 
 
 def _check_address(parts: SplitResult) -> None:
@@ -142,10 +115,6 @@ def _check_address(parts: SplitResult) -> None:
             raise ValueError(f"/{db}: a Redis database is a number, such as /0")
 
 
-def _tag(redis_key: str) -> str:
-    return redis_key[redis_key.index("{") : redis_key.index("}") + 1]
-
-
 # records per script call: enough to amortise the call, few enough that one call holds
 # Redis (single-threaded) for no more than a few milliseconds
 MAX_BATCH = 256
@@ -164,6 +133,8 @@ EAGER = 8
 BATCHES = SPLIT + 1  # batches the busy callers' calls are cut into (see _answer)
 # a single server's pool: the lanes, a lane replacing a dropped one, a health check
 MIN_CONNECTIONS = SPLIT + 2
+# a route's specs, its words when every counter is the tenant's own, its usual record
+_Route = tuple[tuple[CounterSpec, ...], list[str], list[str]]
 RELEARN_EVERY = 1.0  # seconds between cluster map refreshes after connection failures
 
 
@@ -353,7 +324,7 @@ class RedisCounters:
             if route[1]:
                 hashed = self._hashes.get(tenant) or self._hash_of(tenant)
                 if clock or cost != 1 or lease:
-                    args = _head("apply", clock, cost, lease, 1, route[1])
+                    args = record_head("apply", clock, cost, lease, 1, route[1])
                 else:
                     args = route[2]
                 return self._call(hashed, args, True)
@@ -372,10 +343,10 @@ class RedisCounters:
             counter_key(tenant or key, spec[0], key, scoped=bool(tenant) and spec[6])
             for spec, key in zip(specs, keys, strict=True)
         ]
-        redis_keys, words = _layout(specs, places)
-        if self._cluster and len({_tag(key) for key in redis_keys}) > 1:
+        redis_keys, words = layout(specs, places)
+        if self._cluster and len({hash_tag(key) for key in redis_keys}) > 1:
             return await self._apply_across_slots(specs, places, cost, lease, clock)
-        args = _head("apply", clock, cost, lease, len(redis_keys), words)
+        args = record_head("apply", clock, cost, lease, len(redis_keys), words)
         outcomes: list[Outcome] = await self._call(redis_keys, args, decided=True)
         return outcomes
 
@@ -383,8 +354,8 @@ class RedisCounters:
         place = counter_key(tenant or key, table, key, scoped=bool(tenant))
         clock = "" if self._server_clock else repr(now)
         release = CounterSpec(table, "concurrency", 0.0, 0, 0, True)
-        redis_keys, words = _layout((release,), [place])
-        await self._call(redis_keys, _head("release", clock, 0, lease, 1, words), frees=True)
+        redis_keys, words = layout((release,), [place])
+        await self._call(redis_keys, record_head("release", clock, 0, lease, 1, words), frees=True)
 
     async def close(self) -> None:
         # calls still queued behind the batches in flight go out when those come back:
@@ -427,8 +398,8 @@ class RedisCounters:
                 pool = self._client.connection_pool
                 connection = await pool.get_connection()
                 try:
-                    await _fresh(connection)
-                    return bool(await _ask(connection, "PING"))
+                    await refresh(connection)
+                    return bool(await ask(connection, "PING"))
                 finally:
                     await pool.release(connection)
         except (RedisError, OSError, TimeoutError):
@@ -443,8 +414,8 @@ class RedisCounters:
         hashing the specs' contents on every check would cost more than the words."""
         words: list[str] = []
         if all(spec.scoped for spec in specs):
-            words = _layout(specs, [("", _table_part(spec.table)) for spec in specs])[1]
-        route = (specs, words, _head("apply", "", 1, None, 1, words))
+            words = layout(specs, [("", table_part(spec.table)) for spec in specs])[1]
+        route = (specs, words, record_head("apply", "", 1, None, 1, words))
         if len(self._routes) >= CACHED:
             self._routes.clear()
         self._routes[id(specs)] = route
@@ -472,17 +443,19 @@ class RedisCounters:
         between), so the decision counts nothing; the rest are answered without writing."""
         groups: dict[str, list[int]] = {}
         for index, (key, _field) in enumerate(places):
-            groups.setdefault(_tag(key), []).append(index)
+            groups.setdefault(hash_tag(key), []).append(index)
         outcomes: list[Outcome | None] = [None] * len(specs)
         taken: list[tuple[list[str], list[str]]] = []
         blocked = False
         try:
             for indices in groups.values():
                 chosen = [specs[i] for i in indices]
-                keys, words = _layout(chosen, [places[i] for i in indices])
+                keys, words = layout(chosen, [places[i] for i in indices])
                 op = "probe" if blocked else "apply"
-                reply = await self._call(keys, _head(op, clock, cost, lease, len(keys), words))
-                answered = _outcomes(reply)
+                reply = await self._call(
+                    keys, record_head(op, clock, cost, lease, len(keys), words)
+                )
+                answered = outcomes_of(reply)
                 for i, outcome in zip(indices, answered, strict=True):
                     outcomes[i] = outcome
                 if blocked:
@@ -493,8 +466,8 @@ class RedisCounters:
                     # refund what was counted (not shadow denials), at its own instant
                     kept = [indices[j] for j, outcome in enumerate(answered) if outcome[0]]
                     if kept:
-                        back, words = _layout([specs[i] for i in kept], [places[i] for i in kept])
-                        words = _head("refund", str(reply[0]), cost, lease, len(back), words)
+                        back, words = layout([specs[i] for i in kept], [places[i] for i in kept])
+                        words = record_head("refund", str(reply[0]), cost, lease, len(back), words)
                         taken.append((back, words))
         except StoreError:
             # a later slot failed: the decision is made without the store, so what the
@@ -575,8 +548,8 @@ class RedisCounters:
         connection = self._lanes[slot]
         if connection is None or self._command is None:
             return None
-        writer = _open_writer(connection)
-        if writer is None or _readable(writer):
+        writer = open_writer(connection)
+        if writer is None or has_unread(writer):
             # closed by the server (a restart) before the loop has read its end: the
             # task's connection check comes after the loop's next look at the socket
             return None
@@ -605,7 +578,7 @@ class RedisCounters:
                     f"not sent: queued for longer than the timeout ({self._timeout:g} s)"
                 )
                 for call in batch:
-                    _settle(call, error, f"counter store failed: {_describe(error)}")
+                    _settle(call, error, f"counter store failed: {describe(error)}")
                 return
             try:
                 # a timeout scope, not wait_for: no extra task per batch on the hot path
@@ -618,7 +591,7 @@ class RedisCounters:
                         " time queued in this process included)"
                     )
                 self._fail(batch, error)
-                if self._cluster and isinstance(error, _UNREACHABLE):
+                if self._cluster and isinstance(error, UNREACHABLE):
                     self._relearn_slots()
                 return
             self._answer(batch, replies)
@@ -636,7 +609,7 @@ class RedisCounters:
         unready = [
             r
             for r in replies
-            if r.__class__ is not list and isinstance(r, ResponseError) and _unready(r)
+            if r.__class__ is not list and isinstance(r, ResponseError) and is_unready(r)
         ]
         if unready:
             # the server answers but cannot serve (loading, a replica after failover,
@@ -648,12 +621,12 @@ class RedisCounters:
         for call, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):
                 what = "counter store failed" if reply in unready else "counter script failed"
-                _settle(call, reply, f"{what}: {_describe(reply)}")
+                _settle(call, reply, f"{what}: {describe(reply)}")
             elif not call.future.done():
                 answer = reply
                 if call.decided:
                     try:
-                        answer = _outcomes(reply)
+                        answer = outcomes_of(reply)
                     except (TypeError, ValueError) as error:
                         _settle(call, error, f"counter script answered {str(reply)[:80]!r}")
                         continue
@@ -727,7 +700,7 @@ class RedisCounters:
         self.breaker.failure()
         kind = "timeout" if isinstance(error, TimeoutError) else type(error).__name__
         STORE_ERRORS.labels(store="redis", kind=kind).inc()
-        self._last_error = _describe(error)
+        self._last_error = describe(error)
         # once per outage: a failed probe (half-open) opens it again without a word
         if was == "closed" and self.breaker.state == "open":
             _log.warning("Redis counters unavailable, circuit open: %s", self._last_error)
@@ -741,7 +714,7 @@ class RedisCounters:
         """One failed batch: one outage, a ``StoreError`` per call."""
         self._outage(error)
         for call in batch:
-            _settle(call, error, f"counter store failed: {_describe(error)}")
+            _settle(call, error, f"counter store failed: {describe(error)}")
 
     async def _pipeline(
         self, batch: list[_Call], slot: int, written: list[list[int]] | None
@@ -756,9 +729,7 @@ class RedisCounters:
         seen = self._loads
         replies = await self._execute(batch, lane, written)
         missing = [
-            i
-            for i, reply in enumerate(replies)
-            if reply.__class__ is not list and _forgotten(reply)
+            i for i, reply in enumerate(replies) if reply.__class__ is not list and forgotten(reply)
         ]
         if missing:
             # a restart (without persistence), a failover or a flush forgot the function or
@@ -785,7 +756,7 @@ class RedisCounters:
             if lane is None:
                 await self._client.function_load(LIBRARY, replace=True)
             else:
-                await _ask(lane, "FUNCTION", "LOAD", "REPLACE", LIBRARY)
+                await ask(lane, "FUNCTION", "LOAD", "REPLACE", LIBRARY)
         except ReadOnlyError:
             # a replica, such as a demoted master: drop its connections, so the next ones
             # ask Sentinel (or DNS) where the master is now
@@ -793,16 +764,16 @@ class RedisCounters:
                 await self._client.connection_pool.disconnect()
             raise
         except ResponseError as error:
-            if not _NO_FUNCTIONS.search(str(error)):
+            if not NO_FUNCTIONS.search(str(error)):
                 raise
-            refused = _describe(error)
+            refused = describe(error)
         else:
             _log.info("Redis counters loaded as the function library %s", FUNCTION)
             return "FCALL", FUNCTION
         if lane is None:
             loaded = await self._client.script_load(SCRIPT)
         else:
-            loaded = await _ask(lane, "SCRIPT", "LOAD", SCRIPT)
+            loaded = await ask(lane, "SCRIPT", "LOAD", SCRIPT)
         # a cluster loads it on every primary and may answer per node
         sha = next(iter(loaded.values())) if isinstance(loaded, dict) else loaded
         _log.info("Redis counters loaded as the script %s (no function: %s)", sha, refused)
@@ -824,7 +795,7 @@ class RedisCounters:
         # a cluster script may only touch one slot: a call per hash tag, pipelined per node
         tags: dict[tuple[str, bool], list[int]] = {}
         for index, call in enumerate(batch):
-            tags.setdefault((_tag(call.keys[0]), call.frees), []).append(index)
+            tags.setdefault((hash_tag(call.keys[0]), call.frees), []).append(index)
         nodes: dict[str, list[list[int]]] = {}
         owners: dict[str, Any] = {}
         for indices in tags.values():
@@ -858,7 +829,7 @@ class RedisCounters:
                     answer = await self._client.execute_command(
                         *self._command_for(call), len(call.keys), *call.keys, *call.args
                     )
-                    replies[i] = _record(answer[0])
+                    replies[i] = record_answer(answer[0])
                 except ResponseError as error:
                     replies[i] = error
         return replies
@@ -874,7 +845,7 @@ class RedisCounters:
             # read would be a second timer on every read
             connection.socket_timeout = None
             self._lanes[slot] = connection
-        await _fresh(connection)
+        await refresh(connection)
         return connection
 
     async def _send_pooled(
@@ -885,7 +856,7 @@ class RedisCounters:
         pool = client.connection_pool
         connection = await pool.get_connection()
         try:
-            await _fresh(connection)
+            await refresh(connection)
             await connection.send_packed_command(packed, check_health=False)
             await self._exchange(connection, batch, groups, replies)
         finally:
@@ -926,7 +897,7 @@ class RedisCounters:
                     answers.append(await connection.read_response())
                 except ResponseError as error:
                     answers.append(error)
-            if _demoted(answers):
+            if demoted(answers):
                 # writes refused by a replica: this connection reached a demoted master.
                 # Drop it, so the next one asks Sentinel (or DNS) where the master is now
                 await connection.disconnect(nowait=True)
@@ -945,47 +916,7 @@ class RedisCounters:
             else:
                 # records answer lists; only texts may be a record's failure
                 for i, item in zip(group, answer, strict=True):
-                    replies[i] = _record(item) if item.__class__ is str else item
-
-
-# a record's keys (the tenant's hash first, if any of its counters live there, then the
-# string keys) and its spec words (see counters.lua)
-_Layout = tuple[list[str], list[str]]
-# a route's specs, its words when every counter is the tenant's own, its usual record
-_Route = tuple[tuple[CounterSpec, ...], list[str], list[str]]
-CACHED = 65_536  # entries per cache (routes, tenants, spec words); a full one starts again
-_WORDS: dict[tuple[CounterSpec, str], str] = {}
-
-
-def _layout(specs: Sequence[CounterSpec], places: list[tuple[str, str]]) -> _Layout:
-    hashed = ""
-    strings: list[str] = []
-    words: list[str] = []
-    for spec, (key, field) in zip(specs, places, strict=True):
-        if field:
-            hashed = key
-        else:
-            strings.append(key)
-        word = _WORDS.get((spec, field))
-        if word is None:
-            if len(_WORDS) >= CACHED:
-                _WORDS.clear()
-            code = _CODES[spec.algorithm]
-            enforce = "1" if spec.enforce else "0"
-            word = f"{code}|{spec.limit}|{spec.window!r}|{spec.burst}|{enforce}|{field}"
-            _WORDS[(spec, field)] = word
-        words.append(word)
-    return ([hashed, *strings] if hashed else strings), words
-
-
-def _head(
-    op: str, clock: str, cost: int, lease: str | None, keys: int, words: list[str]
-) -> list[str]:
-    """A record: its head, then its spec words (naming ``keys`` keys), as one word."""
-    # the lease comes from a caller's token: encoded, so no space or "|" can reshape
-    # the record (name other keys, or other counters)
-    lease_word = _part(lease) if lease else ""
-    return [" ".join((f"{op}|{clock}|{cost}|{lease_word}|{keys}", *words))]
+                    replies[i] = record_answer(item) if item.__class__ is str else item
 
 
 def _chunks(items: list[Any]) -> list[list[Any]]:
@@ -1002,145 +933,9 @@ def _grouped(batch: list[_Call]) -> list[list[int]]:
     return _chunks(keep) + _chunks(free)
 
 
-def _open_writer(connection: Any) -> asyncio.StreamWriter | None:
-    """The stream a connection writes to, if it is open and the server has not closed
-    it; else None.
-
-    redis-py's asyncio connections keep their streams as ``_reader`` and ``_writer``
-    (every version since 4.2) and write only from a coroutine; a batch written straight
-    to the stream goes out in the turn that made it. Were they renamed, every batch
-    would take the coroutine's path (``send_packed_command``), slower but the same."""
-    reader = getattr(connection, "_reader", None)
-    writer = getattr(connection, "_writer", None)
-    if not isinstance(reader, asyncio.StreamReader) or not isinstance(writer, asyncio.StreamWriter):
-        return None
-    if reader.at_eof() or reader.exception() is not None or writer.is_closing():
-        return None
-    return writer
-
-
-async def _ask(connection: Any, *args: str) -> Any:
-    """One command and its reply on ``connection``; dropped if the exchange is cut short
-    (an error reply leaves it in step)."""
-    try:
-        await connection.send_command(*args, check_health=False)
-        return await connection.read_response()
-    except ResponseError:
-        raise
-    except BaseException:
-        await connection.disconnect(nowait=True)
-        raise
-
-
-def _readable(writer: asyncio.StreamWriter) -> bool:
-    """Has the connection's socket something to read (data, its end, an error) that the
-    loop has not read yet? On a lane with no batch in flight, only a closed connection
-    (or one out of step) has."""
-    sock = writer.get_extra_info("socket")
-    if sock is None:
-        return False
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
-
-
-async def _fresh(connection: Any) -> None:
-    """Connect ``connection`` (idle: nothing asked on it) again if it was dropped or the
-    server closed it (a restart, its idle timeout): a command sent there would be lost.
-    redis-py's pool does not always check (it skips it when maintenance notifications
-    may be on)."""
-    if connection.is_connected and await _stale(connection, idle=True):
-        await connection.disconnect()
-    if not connection.is_connected:
-        await connection.connect()
-
-
-async def _stale(connection: Any, *, idle: bool = False) -> bool:
-    """Closed by the server, failed, or holding a stray reply: a command sent there is
-    lost. ``idle``: nothing was asked on it, so anything to read means the same."""
-    writer = getattr(connection, "_writer", None)
-    if isinstance(writer, asyncio.StreamWriter) and (
-        _open_writer(connection) is None or (idle and _readable(writer))
-    ):
-        return True
-    return bool(await connection.can_read())
-
-
-def _record(answer: Any) -> Any:
-    """A record's answer, or the ``ResponseError`` the script reported for it alone."""
-    if isinstance(answer, str) and answer.startswith("error: "):
-        return ResponseError(answer[len("error: ") :])
-    return answer
-
-
-def _describe(error: BaseException) -> str:
-    """The error's class and message: redis-py's own ``repr`` keeps only a category."""
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def _settle(call: _Call, cause: BaseException, message: str) -> None:
     """Fail one caller (unless it gave up already) with a ``StoreError`` caused by ``cause``."""
     if not call.future.done():
         error = StoreError(message)
         error.__cause__ = cause
         call.future.set_exception(error)
-
-
-# FUNCTION LOAD refused: an older server, or a user without the permission
-_NO_FUNCTIONS = re.compile(
-    r"unknown command|unknown subcommand|NOPERM|no permissions", re.IGNORECASE
-)
-
-
-def _forgotten(reply: Any) -> bool:
-    """Did the server answer that it does not know the function or the script?"""
-    return isinstance(reply, NoScriptError) or (
-        isinstance(reply, ResponseError) and "Function not found" in str(reply)
-    )
-
-
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
-_UNREADY = (BusyLoadingError, ReadOnlyError, ClusterDownError, MasterDownError, TryAgainError)
-# at the start (Redis 7) or after "-" inside a script error's text (Redis 6)
-_UNREADY_TEXT = re.compile(r"(?:^|-)(?:BUSY|MASTERDOWN|READONLY|LOADING|CLUSTERDOWN|TRYAGAIN)\b")
-
-
-def _demoted(answers: list[Any]) -> bool:
-    """Did a call or a record fail because the server is a replica (``READONLY``)? A
-    function that may write is refused whole by a replica; a script, record by record."""
-    for answer in answers:
-        if isinstance(answer, ReadOnlyError):
-            return True
-        if isinstance(answer, list):
-            for item in answer:
-                if item.__class__ is str and item.startswith("error: ") and "READONLY" in item:
-                    return True
-    return False
-
-
-def _unready(error: ResponseError) -> bool:
-    # redis-py turns these replies into their own classes and strips the prefix; an
-    # error reported by the script for one record keeps it
-    return isinstance(error, _UNREADY) or _UNREADY_TEXT.search(str(error)) is not None
-
-
-def _outcomes(reply: list[Any]) -> list[Outcome]:
-    """A record's flat reply (instant, then four numbers per spec) to outcome tuples; the
-    state stays in Redis (``None`` here).
-
-    Instants and waits arrive in whole microseconds; a wait of -1 means never. Two specs
-    (an endpoint rule and a tenant-wide one) are the usual route: unrolled, as this runs
-    once per decision."""
-    if len(reply) == 9:
-        _, a1, r1, s1, w1, a2, r2, s2, w2 = reply
-        return [
-            (a1 == 1, None, r1, s1 / 1e6, NEVER if w1 == -1 else w1 / 1e6),
-            (a2 == 1, None, r2, s2 / 1e6, NEVER if w2 == -1 else w2 / 1e6),
-        ]
-    numbers = iter(reply)
-    next(numbers)  # the instant, for refunds
-    return [
-        (allowed == 1, None, remaining, reset / 1e6, NEVER if retry == -1 else retry / 1e6)
-        for allowed, remaining, reset, retry in zip(numbers, numbers, numbers, numbers, strict=True)
-    ]
