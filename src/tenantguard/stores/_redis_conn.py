@@ -30,8 +30,7 @@ __all__ = [
     "demoted",
     "describe",
     "forgotten",
-    "has_unread",
-    "is_stale",
+    "idle_writer",
     "is_unready",
     "open_writer",
     "refresh",
@@ -68,10 +67,16 @@ async def ask(connection: Any, *args: str) -> Any:
         raise
 
 
-def has_unread(writer: asyncio.StreamWriter) -> bool:
-    """Has the connection's socket something to read (data, its end, an error) that the
-    loop has not read yet? On a lane with no batch in flight, only a closed connection
-    (or one out of step) has."""
+def idle_writer(connection: Any) -> asyncio.StreamWriter | None:
+    """The stream of an idle connection (nothing asked on it) if a command may go on it
+    now: open, and with nothing unread. Only a connection the server closed (a restart,
+    before the loop has read its end) or one out of step has something to read."""
+    writer = open_writer(connection)
+    return None if writer is None or _has_unread(writer) else writer
+
+
+def _has_unread(writer: asyncio.StreamWriter) -> bool:
+    """Has the socket something (data, its end, an error) the loop has not read yet?"""
     sock = writer.get_extra_info("socket")
     if sock is None:
         return False
@@ -85,19 +90,17 @@ async def refresh(connection: Any) -> None:
     server closed it (a restart, its idle timeout): a command sent there would be lost.
     redis-py's pool does not always check (it skips it when maintenance notifications
     may be on)."""
-    if connection.is_connected and await is_stale(connection, idle=True):
+    if connection.is_connected and await _stale(connection):
         await connection.disconnect()
     if not connection.is_connected:
         await connection.connect()
 
 
-async def is_stale(connection: Any, *, idle: bool = False) -> bool:
-    """Closed by the server, failed, or holding a stray reply: a command sent there is
-    lost. ``idle``: nothing was asked on it, so anything to read means the same."""
+async def _stale(connection: Any) -> bool:
+    """Closed by the server, failed, or holding a stray reply (unread on the socket, or
+    read but not parsed: redis-py's own check)."""
     writer = getattr(connection, "_writer", None)
-    if isinstance(writer, asyncio.StreamWriter) and (
-        open_writer(connection) is None or (idle and has_unread(writer))
-    ):
+    if isinstance(writer, asyncio.StreamWriter) and idle_writer(connection) is None:
         return True
     return bool(await connection.can_read())
 

@@ -55,9 +55,8 @@ from tenantguard.stores._redis_conn import (
     demoted,
     describe,
     forgotten,
-    has_unread,
+    idle_writer,
     is_unready,
-    open_writer,
     refresh,
 )
 from tenantguard.stores._redis_records import (
@@ -548,10 +547,10 @@ class RedisCounters:
         connection = self._lanes[slot]
         if connection is None or self._command is None:
             return None
-        writer = open_writer(connection)
-        if writer is None or has_unread(writer):
-            # closed by the server (a restart) before the loop has read its end: the
-            # task's connection check comes after the loop's next look at the socket
+        writer = idle_writer(connection)
+        if writer is None:
+            # closed by the server (a restart), maybe before the loop has read its end:
+            # the task's connection check comes after the loop's next look at the socket
             return None
         groups = _grouped(batch)
         writer.write(self._packed(batch, groups))
