@@ -5,6 +5,7 @@ The public API is what ``__all__`` lists; everything in a ``_module`` is private
 
 from tenantguard.decision import Decision, RuleCheck
 from tenantguard.errors import (
+    LedgerUnavailable,
     PolicyError,
     PolicyIssue,
     StoreError,
@@ -24,6 +25,7 @@ __all__ = [
     "EventRecord",
     "Guard",
     "IncreaseRequest",
+    "LedgerUnavailable",
     "OverrideRecord",
     "OverrideRefused",
     "Policy",

