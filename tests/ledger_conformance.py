@@ -20,7 +20,9 @@ from tenantguard.ledger import (
     IncreaseRequest,
     Ledger,
     OverrideRecord,
+    TenantChanges,
     TenantRecord,
+    TenantSnapshot,
     UsageChange,
     UsageRow,
 )
@@ -483,6 +485,197 @@ async def purge_drops_old_events_and_keys(ledger: Ledger) -> None:
     assert await ledger.purge(events_before=T, keys_before=T) == 0
 
 
+# --- the tenant feed --------------------------------------------------------------------
+
+
+def override(tenant: str, name: str = "apps", value: int = 500, at: float = T) -> OverrideRecord:
+    return OverrideRecord(tenant, name, value, None, "launch", None, "ops", at)
+
+
+async def feed_fresh_database_is_empty(ledger: Ledger) -> None:
+    """A fresh ledger is at position 0 with nothing in it, and has nothing to report."""
+    assert await ledger.tenant_snapshot() == TenantSnapshot(0, {}, {})
+    assert await ledger.tenant_changes(0) == TenantChanges(0, {}, {}, complete=True)
+
+
+async def feed_reports_every_tenant_write(ledger: Ledger) -> None:
+    """Each write to a record or an override is one position; a change reports the
+    tenant's whole state now (no record: ``None``; no overrides: ``[]``). Deletes that
+    remove nothing, and writes to anything else, are not changes."""
+    await ledger.upsert_tenant("acme", "free", None, T)
+    await ledger.put_override(override("globex"))  # overrides without a record
+    first = await ledger.tenant_changes(0)
+    assert first == TenantChanges(
+        2, {"acme": "free", "globex": None}, {"acme": [], "globex": [override("globex")]}, True
+    )
+    await acquire(ledger, change("apps", 1, 5), key="k")
+    await ledger.set_usage("acme", "apps", "", "", 3, T + 1)
+    await ledger.add_events([event("warning", T + 1)])
+    await ledger.add_request(request("r-1"))
+    assert await ledger.delete_tenant("initech") is False
+    assert await ledger.delete_override("acme", "apps") is False
+    assert await ledger.tenant_changes(2) == TenantChanges(2, {}, {}, complete=True)
+
+    await ledger.upsert_tenant("acme", "pro", None, T + 2)
+    await ledger.put_override(override("acme", "tokens", 9, T + 2))
+    await ledger.put_override(override("acme", "apps", 7, T + 2))
+    assert await ledger.tenant_changes(2) == TenantChanges(
+        5,
+        {"acme": "pro"},
+        {"acme": [override("acme", "apps", 7, T + 2), override("acme", "tokens", 9, T + 2)]},
+        True,
+    )
+    assert await ledger.delete_tenant("acme", now=T + 3) is True
+    assert await ledger.delete_override("globex", "apps") is True  # undated
+    assert await ledger.delete_override("acme", "tokens", now=T + 3) is True
+    assert await ledger.tenant_changes(5) == TenantChanges(
+        8,
+        {"acme": None, "globex": None},
+        {"acme": [override("acme", "apps", 7, T + 2)], "globex": []},
+        True,
+    )
+    assert await ledger.tenant_changes(8) == TenantChanges(8, {}, {}, complete=True)
+
+
+async def feed_snapshot_then_changes(ledger: Ledger) -> None:
+    """A snapshot holds every tenant with a record, every tenant with overrides (expired
+    ones too), and the position to follow on from; following on reports what came next."""
+    expired = OverrideRecord("acme", "apps", 5, None, "old", T - 60, "ops", T - 3600)
+    await ledger.put_override(expired)
+    await ledger.put_override(override("acme", "tokens"))
+    await ledger.upsert_tenant("acme", "free", None, T)
+    await ledger.upsert_tenant("globex", "pro", {"region": "eu"}, T)
+    await ledger.put_override(override("orphan"))
+    snapshot = await ledger.tenant_snapshot()
+    assert snapshot == TenantSnapshot(
+        5,
+        {"acme": "free", "globex": "pro"},
+        {"acme": [expired, override("acme", "tokens")], "orphan": [override("orphan")]},
+    )
+    assert await ledger.tenant_changes(snapshot.cursor) == TenantChanges(5, {}, {}, True)
+    await ledger.upsert_tenant("initech", "free", None, T + 1)
+    assert await ledger.tenant_changes(snapshot.cursor) == TenantChanges(
+        6, {"initech": "free"}, {"initech": []}, True
+    )
+    later = await ledger.tenant_snapshot()
+    assert later.cursor == 6
+    assert later.plans == {"acme": "free", "globex": "pro", "initech": "free"}
+
+
+async def feed_limit_pages_through_rows(ledger: Ledger) -> None:
+    """At most ``limit`` feed rows per call, the cursor moving over exactly those; each
+    page reports the state now, so a tenant written again later reads its newest state."""
+    for index, tenant in enumerate(["a", "b", "a", "c", "d"]):
+        await ledger.upsert_tenant(tenant, f"plan-{index}", None, T + index)
+    pages: list[TenantChanges] = []
+    cursor = 0
+    while True:
+        page = await ledger.tenant_changes(cursor, limit=2)
+        if page.cursor == cursor:
+            break
+        pages.append(page)
+        cursor = page.cursor
+    assert [(p.cursor, p.plans) for p in pages] == [
+        (2, {"a": "plan-2", "b": "plan-1"}),
+        (4, {"a": "plan-2", "c": "plan-3"}),
+        (5, {"d": "plan-4"}),
+    ]
+    assert all(p.complete for p in pages)
+    assert (await ledger.tenant_changes(4, limit=1)).cursor == 5
+    with pytest.raises(ValueError, match="limit"):
+        await ledger.tenant_changes(0, limit=0)
+    with pytest.raises(ValueError, match="after"):
+        await ledger.tenant_changes(-1)
+
+
+async def feed_purge_sends_late_pollers_to_a_snapshot(ledger: Ledger) -> None:
+    """Purging drops feed rows older than ``keys_before``; a cursor older than what is
+    kept, or ahead of the head, is told to take a snapshot (with the head as cursor)."""
+    await ledger.upsert_tenant("a", "free", None, T)
+    await ledger.upsert_tenant("b", "free", None, T + 10)
+    await ledger.upsert_tenant("c", "free", None, T + 20)
+    assert await ledger.purge(events_before=T, keys_before=T + 15) == 2
+    assert await ledger.tenant_changes(0) == TenantChanges(3, {}, {}, complete=False)
+    assert await ledger.tenant_changes(1) == TenantChanges(3, {}, {}, complete=False)
+    assert await ledger.tenant_changes(2) == TenantChanges(3, {"c": "free"}, {"c": []}, True)
+    assert await ledger.tenant_changes(3) == TenantChanges(3, {}, {}, complete=True)
+    assert await ledger.tenant_changes(4) == TenantChanges(3, {}, {}, complete=False)
+    snapshot = await ledger.tenant_snapshot()
+    assert (snapshot.cursor, sorted(snapshot.plans)) == (3, ["a", "b", "c"])
+
+    assert await ledger.purge(events_before=T, keys_before=T + 100) == 1  # every row
+    assert await ledger.tenant_changes(2) == TenantChanges(3, {}, {}, complete=False)
+    assert await ledger.tenant_changes(3) == TenantChanges(3, {}, {}, complete=True)
+    await ledger.upsert_tenant("d", "free", None, T + 30)  # the head goes on from 3
+    assert await ledger.tenant_changes(3) == TenantChanges(4, {"d": "free"}, {"d": []}, True)
+
+
+async def feed_purge_keeps_a_gap_free_run(ledger: Ledger) -> None:
+    """Rows need not be dated in order (writers' clocks differ): purging stops at the
+    first row still young, so what is kept never has a hole a poller could skip."""
+    await ledger.upsert_tenant("a", "free", None, T)
+    await ledger.upsert_tenant("b", "free", None, T + 50)
+    await ledger.upsert_tenant("c", "free", None, T)  # a slow clock
+    await ledger.upsert_tenant("d", "free", None, T + 60)
+    assert await ledger.purge(events_before=T, keys_before=T + 10) == 1
+    assert (await ledger.tenant_changes(0)).complete is False
+    assert (await ledger.tenant_changes(1)).plans == dict.fromkeys("bcd", "free")
+    assert await ledger.purge(events_before=T, keys_before=T + 55) == 2  # b, then c
+    assert (await ledger.tenant_changes(2)).complete is False
+    assert (await ledger.tenant_changes(3)).plans == {"d": "free"}
+
+
+async def feed_deletes_are_dated(ledger: Ledger) -> None:
+    """A delete given ``now`` is kept as long as that date says; an undated one is
+    dated like the newest row before it."""
+    await ledger.upsert_tenant("a", "free", None, T)
+    await ledger.delete_tenant("a", now=T + 100)
+    await ledger.put_override(override("b", at=T + 5))
+    await ledger.delete_override("b", "apps")  # undated: T + 5
+    assert await ledger.purge(events_before=T, keys_before=T + 50) == 1
+    assert await ledger.tenant_changes(1) == TenantChanges(
+        4, {"a": None, "b": None}, {"a": [], "b": []}, True
+    )
+    assert await ledger.purge(events_before=T, keys_before=T + 101) == 3
+    assert (await ledger.tenant_changes(3)).complete is False
+
+
+async def feed_concurrent_writers_leave_no_gap(ledger: Ledger) -> None:
+    """Writers racing each other and a poller: every position is handed out once, and
+    the poller, following the cursor, ends with every write's state."""
+    plans = {f"t{i:02d}": f"plan-{i % 3}" for i in range(40)}
+    seen: dict[str, str | None] = {}
+    cursor = 0
+    writing = True
+
+    async def poll() -> None:
+        nonlocal cursor
+        while True:
+            done = not writing  # read before polling: the last poll follows every write
+            page = await ledger.tenant_changes(cursor, limit=7)
+            assert page.complete
+            seen.update(page.plans)
+            if done and page.cursor == cursor:
+                return
+            cursor = page.cursor
+            await asyncio.sleep(0)  # the in-memory ledger never suspends: let writers run
+
+    async def lane(index: int) -> None:
+        """One writer of four: few enough that the poller is not queued behind them all
+        for a database ledger's worker threads."""
+        for tenant, plan in list(plans.items())[index::4]:
+            await ledger.upsert_tenant(tenant, plan, None, T)
+
+    poller = asyncio.ensure_future(poll())
+    await asyncio.gather(*(lane(index) for index in range(4)))
+    writing = False
+    await poller
+    assert seen == plans
+    assert cursor == len(plans)
+    snapshot = await ledger.tenant_snapshot()
+    assert (snapshot.cursor, snapshot.plans) == (len(plans), plans)
+
+
 # --- lifecycle --------------------------------------------------------------------------
 
 
@@ -521,6 +714,14 @@ SCENARIOS: list[tuple[str, Scenario]] = [
     ("events-newest-first", events_newest_first),
     ("events-refuse-what-json-cannot-hold", events_refuse_what_json_cannot_hold),
     ("purge-drops-old-events-and-keys", purge_drops_old_events_and_keys),
+    ("feed-fresh-database-is-empty", feed_fresh_database_is_empty),
+    ("feed-reports-every-tenant-write", feed_reports_every_tenant_write),
+    ("feed-snapshot-then-changes", feed_snapshot_then_changes),
+    ("feed-limit-pages-through-rows", feed_limit_pages_through_rows),
+    ("feed-purge-sends-late-pollers-to-a-snapshot", feed_purge_sends_late_pollers_to_a_snapshot),
+    ("feed-purge-keeps-a-gap-free-run", feed_purge_keeps_a_gap_free_run),
+    ("feed-deletes-are-dated", feed_deletes_are_dated),
+    ("feed-concurrent-writers-leave-no-gap", feed_concurrent_writers_leave_no_gap),
     ("ping-and-close", ping_and_close),
 ]
 """Every scenario, by the name that test ids use."""

@@ -1,6 +1,7 @@
 """The ledger: durable tenant state (tenants, overrides, counts, usage, idempotency keys,
-increase requests, events). One interface, ``Ledger``; ``open_ledger`` picks the
-implementation from a URL."""
+increase requests, events), and a feed of tenant changes for the engines that keep
+tenants in memory. One interface, ``Ledger``; ``open_ledger`` picks the implementation
+from a URL."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from tenantguard.ledger._base import (
     IncreaseRequest,
     Ledger,
     OverrideRecord,
+    TenantChanges,
     TenantRecord,
+    TenantSnapshot,
     UsageChange,
     UsageRow,
 )
@@ -27,7 +30,9 @@ __all__ = [
     "OverrideRecord",
     "SchemaVersionError",
     "SqlLedger",
+    "TenantChanges",
     "TenantRecord",
+    "TenantSnapshot",
     "UsageChange",
     "UsageRow",
     "open_ledger",

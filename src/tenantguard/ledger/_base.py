@@ -19,9 +19,12 @@ __all__ = [
     "IncreaseRequest",
     "Ledger",
     "OverrideRecord",
+    "TenantChanges",
     "TenantRecord",
+    "TenantSnapshot",
     "UsageChange",
     "UsageRow",
+    "check_feed_arguments",
 ]
 
 
@@ -136,6 +139,49 @@ class EventRecord:
     id: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TenantSnapshot:
+    """Every tenant's plan and overrides, as of at least feed position ``cursor``.
+
+    It may already hold changes made after ``cursor`` (a database reads the cursor
+    before the data): following it with ``tenant_changes(cursor)`` replays them, and a
+    replay is harmless because a change only says "read this tenant again".
+    ``overrides`` holds the tenants that have any, with or without a record, expired
+    ones included: whether one still applies is the engine's clock's business.
+    """
+
+    cursor: int
+    plans: dict[str, str]
+    overrides: dict[str, list[OverrideRecord]]
+
+
+@dataclass(frozen=True, slots=True)
+class TenantChanges:
+    """The tenants changed after a feed position, each with its whole state now.
+
+    ``plans`` and ``overrides`` have the same keys: each tenant changed since ``after``
+    maps to its plan (``None``: no record any more) and to all its overrides (``[]``:
+    none). Pass ``cursor`` as ``after`` next time; it moved past at most ``limit`` feed
+    rows, so a caller repeats until it stops moving. ``complete`` is false when the
+    feed cannot say what changed since ``after`` (purged past it, or ``after`` is ahead
+    of the feed, as when the database was replaced): the maps are empty, ``cursor`` is
+    the feed's head, and the caller must take a new ``tenant_snapshot``.
+    """
+
+    cursor: int
+    plans: dict[str, str | None]
+    overrides: dict[str, list[OverrideRecord]]
+    complete: bool
+
+
+def check_feed_arguments(after: int, limit: int) -> None:
+    """Refuse a position no answer hands out, and a limit that could never move on."""
+    if after < 0:
+        raise ValueError(f"after must be a cursor the feed gave, 0 or more, not {after}")
+    if limit < 1:
+        raise ValueError(f"limit must be 1 or more, not {limit}")
+
+
 class Ledger(Protocol):
     """Every method is atomic on its own; ``change_usage`` is all-or-nothing."""
 
@@ -149,8 +195,12 @@ class Ledger(Protocol):
 
     async def get_tenant(self, tenant: str) -> TenantRecord | None: ...
 
-    async def delete_tenant(self, tenant: str) -> bool:
-        """Removes the tenant record only: counts, overrides and history stay."""
+    async def delete_tenant(self, tenant: str, *, now: float | None = None) -> bool:
+        """Removes the tenant record only: counts, overrides and history stay.
+
+        ``now`` dates the change in the tenant feed, for ``purge``; without it the change
+        takes the date of the feed's newest row (the ledger reads no clock), and may
+        then be purged early: a poller that had not read it yet takes a snapshot."""
         ...
 
     async def list_tenants(self, *, prefix: str = "", limit: int = 1000) -> list[TenantRecord]: ...
@@ -158,7 +208,9 @@ class Ledger(Protocol):
     # overrides
     async def put_override(self, record: OverrideRecord) -> None: ...
 
-    async def delete_override(self, tenant: str, name: str) -> bool: ...
+    async def delete_override(self, tenant: str, name: str, *, now: float | None = None) -> bool:
+        """``now`` dates the change in the tenant feed, as for ``delete_tenant``."""
+        ...
 
     async def overrides(self, tenant: str) -> list[OverrideRecord]: ...
 
@@ -205,8 +257,31 @@ class Ledger(Protocol):
         limit: int = 100,
     ) -> list[EventRecord]: ...
 
+    # the tenant feed
+
+    async def tenant_snapshot(self) -> TenantSnapshot:
+        """Every tenant's state and the feed position it is consistent with, read in
+        one transaction."""
+        ...
+
+    async def tenant_changes(self, after: int, *, limit: int = 1000) -> TenantChanges:
+        """The state now of every tenant with a feed row after position ``after``.
+
+        Each write to a tenant's record or overrides appends one feed row in its own
+        transaction; positions are gap-free in commit order, so a poller that saw
+        position ``n`` has seen every change committed before it. ``after`` is a
+        ``cursor`` from an earlier answer (0 for a fresh database); ``limit`` (at least
+        1) bounds the feed rows one call reads."""
+        ...
+
     async def purge(self, *, events_before: float, keys_before: float) -> int:
-        """Drop events and idempotency keys older than the given instants."""
+        """Drop events older than ``events_before``; idempotency keys and tenant feed
+        rows older than ``keys_before``. Returns how many rows went.
+
+        Feed rows go oldest first and only up to the first one still young, so what
+        stays is always a gap-free run up to the head (a row's date comes from the
+        writer's clock, which need not rise with its position); a poller whose cursor
+        is older than what stays is told to take a snapshot."""
         ...
 
     async def ping(self) -> bool: ...

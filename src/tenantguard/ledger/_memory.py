@@ -7,11 +7,16 @@ also serves a sync facade running on other threads. JSON-valued fields (metadata
 data) go through the same encoder a database would use, so a value a database would
 refuse is refused here too, and what comes back is a copy the caller cannot mutate.
 Nothing survives the process: use SQLite or PostgreSQL for anything that must.
+
+The tenant feed is a list of (position, tenant, date) rows behind the same lock, so
+positions are gap-free in the order writes happen, as the databases' are in commit
+order; purging drops a prefix of it, as ``SqlLedger.purge`` does.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -22,9 +27,12 @@ from tenantguard.ledger._base import (
     EventRecord,
     IncreaseRequest,
     OverrideRecord,
+    TenantChanges,
     TenantRecord,
+    TenantSnapshot,
     UsageChange,
     UsageRow,
+    check_feed_arguments,
 )
 from tenantguard.ledger._schema import frozen_json
 
@@ -46,6 +54,8 @@ class MemoryLedger:
         self._requests: dict[str, IncreaseRequest] = {}
         self._events: dict[str, list[EventRecord]] = {}
         self._last_event_id = 0
+        self._feed: deque[tuple[int, str, float]] = deque()  # (seq, tenant, at), by seq
+        self._feed_head = 0
 
     @contextmanager
     def _open(self) -> Iterator[None]:
@@ -67,15 +77,19 @@ class MemoryLedger:
                 kept = before.metadata if metadata is None else frozen_json(metadata)
                 record = TenantRecord(tenant, plan, kept, before.created_at, now)
             self._tenants[tenant] = record
+            self._changed(tenant, now)
             return record, before
 
     async def get_tenant(self, tenant: str) -> TenantRecord | None:
         with self._open():
             return self._tenants.get(tenant)
 
-    async def delete_tenant(self, tenant: str) -> bool:
+    async def delete_tenant(self, tenant: str, *, now: float | None = None) -> bool:
         with self._open():
-            return self._tenants.pop(tenant, None) is not None
+            if self._tenants.pop(tenant, None) is None:
+                return False
+            self._changed(tenant, now)
+            return True
 
     async def list_tenants(self, *, prefix: str = "", limit: int = 1000) -> list[TenantRecord]:
         with self._open():
@@ -87,15 +101,57 @@ class MemoryLedger:
     async def put_override(self, record: OverrideRecord) -> None:
         with self._open():
             self._overrides[record.tenant, record.name] = record
+            self._changed(record.tenant, record.created_at)
 
-    async def delete_override(self, tenant: str, name: str) -> bool:
+    async def delete_override(self, tenant: str, name: str, *, now: float | None = None) -> bool:
         with self._open():
-            return self._overrides.pop((tenant, name), None) is not None
+            if self._overrides.pop((tenant, name), None) is None:
+                return False
+            self._changed(tenant, now)
+            return True
 
     async def overrides(self, tenant: str) -> list[OverrideRecord]:
         with self._open():
-            mine = [r for (owner, _), r in self._overrides.items() if owner == tenant]
-            return sorted(mine, key=lambda r: r.name)
+            return self._overrides_of(tenant)
+
+    def _overrides_of(self, tenant: str) -> list[OverrideRecord]:
+        mine = [r for (owner, _), r in self._overrides.items() if owner == tenant]
+        return sorted(mine, key=lambda r: r.name)
+
+    # the tenant feed
+
+    def _changed(self, tenant: str, at: float | None) -> None:
+        """Append a feed row; undated, it takes the newest row's date (see ``_base``)."""
+        if at is None:
+            at = self._feed[-1][2] if self._feed else 0.0
+        self._feed_head += 1
+        self._feed.append((self._feed_head, tenant, at))
+
+    async def tenant_snapshot(self) -> TenantSnapshot:
+        with self._open():
+            plans = {t: self._tenants[t].plan for t in sorted(self._tenants)}
+            overrides: dict[str, list[OverrideRecord]] = {}
+            for (tenant, _), record in sorted(self._overrides.items()):
+                overrides.setdefault(tenant, []).append(record)
+            return TenantSnapshot(self._feed_head, plans, overrides)
+
+    async def tenant_changes(self, after: int, *, limit: int = 1000) -> TenantChanges:
+        check_feed_arguments(after, limit)
+        with self._open():
+            head = self._feed_head
+            oldest = self._feed[0][0] if self._feed else head + 1
+            if after > head or after < oldest - 1:
+                return TenantChanges(head, {}, {}, complete=False)
+            start = after + 1 - oldest
+            rows = [self._feed[i] for i in range(start, min(start + limit, len(self._feed)))]
+            changed = sorted({tenant for _, tenant, _ in rows})
+            plans: dict[str, str | None] = {}
+            for tenant in changed:
+                record = self._tenants.get(tenant)
+                plans[tenant] = None if record is None else record.plan
+            overrides = {tenant: self._overrides_of(tenant) for tenant in changed}
+            cursor = rows[-1][0] if rows else after
+            return TenantChanges(cursor, plans, overrides, complete=True)
 
     # usage
 
@@ -226,7 +282,11 @@ class MemoryLedger:
             stale = [key for key, (_, at) in self._keys.items() if at < keys_before]
             for key in stale:
                 del self._keys[key]
-            return dropped + len(stale)
+            old_rows = 0
+            while self._feed and self._feed[0][2] < keys_before:
+                self._feed.popleft()
+                old_rows += 1
+            return dropped + len(stale) + old_rows
 
     async def ping(self) -> bool:
         return not self._closed

@@ -29,6 +29,8 @@ from tenantguard.errors import TenantguardError
 
 __all__ = [
     "EVENTS",
+    "FEED",
+    "FEED_HEAD",
     "IDEMPOTENCY",
     "MIGRATIONS",
     "OVERRIDES",
@@ -151,6 +153,25 @@ EVENTS = sa.Table(
     sa.Index("ix_events_at", "at"),  # purge by age across tenants
 )
 
+FEED = sa.Table(
+    "tenant_feed",
+    METADATA,
+    sa.Column("seq", EventId, primary_key=True, autoincrement=False),  # drawn from the head
+    sa.Column("tenant", Key, nullable=False),
+    sa.Column("at", Instant, nullable=False),  # the writer's clock: only purge reads it
+    sa.Index("ix_tenant_feed_at", "at"),
+)
+"""One row per write to a tenant's record or overrides (see ``_feed``)."""
+
+FEED_HEAD = sa.Table(
+    "tenant_feed_head",
+    METADATA,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("seq", Count, nullable=False),
+    sa.CheckConstraint("id = 1", name="ck_tenant_feed_head_one_row"),
+)
+"""One row: the last position handed out. Its row lock orders the feed's writers."""
+
 SCHEMA_VERSION = sa.Table(
     "schema_version",
     METADATA,
@@ -170,15 +191,28 @@ def _create(*tables: sa.Table) -> Step:
     return step
 
 
+def _create_feed(conn: sa.Connection) -> None:
+    """The feed starts empty at position 0: what exists already is in every snapshot.
+
+    Additive only: a replica still running version-1 code keeps working on the migrated
+    database (though its tenant writes add no feed rows, so pollers see them only in
+    their next snapshot); one started after the migration refuses the newer schema."""
+    _create(FEED, FEED_HEAD)(conn)
+    conn.execute(sa.insert(FEED_HEAD).values(id=1, seq=0))
+
+
 MIGRATIONS: tuple[tuple[str, Step], ...] = (
     (
         "tenants, overrides, usage, idempotency keys, increase requests, events",
         _create(TENANTS, OVERRIDES, USAGE, IDEMPOTENCY, REQUESTS, EVENTS),
     ),
+    ("tenant feed: a row per tenant change, and its head", _create_feed),
 )
 """Step ``n`` (1-based) brings the schema from version ``n - 1`` to ``n``."""
 
-_ATTEMPTS = 3
+_ATTEMPTS = len(MIGRATIONS) + 2
+"""An opener loses a race at most once per thing another opener can create first (the
+version table, then each step), so one more attempt than that always settles."""
 
 
 def current_version(conn: sa.Connection) -> int:

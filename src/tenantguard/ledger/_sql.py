@@ -11,41 +11,37 @@ whether the condition held. The rows a change touches are updated in one global 
 each other's row locks instead of deadlocking; under READ COMMITTED a waiting UPDATE
 re-evaluates its condition against the row as committed, so no cap is ever crossed.
 
-SQLite runs in WAL mode with ``synchronous=FULL`` (every acknowledged change is on disk
-before the call returns) and starts every write transaction with ``BEGIN IMMEDIATE``: a
-writer takes the write lock up front and waits ``busy_timeout`` for it, rather than
-reading first and failing (``SQLITE_BUSY``) when it tries to upgrade. Switching a fresh
-file to WAL is such an upgrade that cannot begin IMMEDIATE, so ``_enter_wal`` does the
-waiting for it (replicas opening one new database at once all try to switch it).
+Connecting, SQLite's transaction control and how failures are reported
+(``LedgerUnavailable`` or ``StoreError``) live in ``_connect``; the tenant feed's
+statements, and why its positions are gap-free in commit order, in ``_feed``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import sqlite3
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.exc import SQLAlchemyError
 
 from tenantguard.errors import StoreError
+from tenantguard.ledger import _feed
 from tenantguard.ledger._base import (
     ChangeResult,
     EventRecord,
     IncreaseRequest,
     OverrideRecord,
+    TenantChanges,
     TenantRecord,
+    TenantSnapshot,
     UsageChange,
     UsageRow,
 )
+from tenantguard.ledger._connect import READ_ONLY, open_engine, store_error
 from tenantguard.ledger._schema import (
     EVENTS,
     IDEMPOTENCY,
@@ -53,9 +49,7 @@ from tenantguard.ledger._schema import (
     REQUESTS,
     TENANTS,
     USAGE,
-    dump_json,
     frozen_json,
-    load_json,
     migrate,
 )
 
@@ -63,9 +57,6 @@ __all__ = ["SqlLedger"]
 
 T = TypeVar("T")
 Work = Callable[[sa.Connection], T]
-
-_READ_ONLY = "tenantguard_read_only"
-"""Execution option: this transaction only reads (SQLite: a plain, deferred BEGIN)."""
 
 _ATTEMPTS = 3
 """Rounds of ``change_usage`` before giving up on a key that keeps appearing and
@@ -80,7 +71,7 @@ class SqlLedger:
     """
 
     def __init__(self, url: str, *, busy_timeout: float = 10.0) -> None:
-        engine, serial = _engine(url, busy_timeout)
+        engine, serial = open_engine(url, busy_timeout)
         self._engine = engine
         self._serial = serial
         self._closed = False
@@ -91,7 +82,7 @@ class SqlLedger:
             migrate(engine)
         except SQLAlchemyError as error:
             engine.dispose()
-            raise _store_error(error) from error
+            raise store_error(error) from error
         except BaseException:
             engine.dispose()
             raise
@@ -111,10 +102,10 @@ class SqlLedger:
         try:
             with self._serial, self._engine.connect() as conn:
                 if read_only:
-                    conn.execution_options(**{_READ_ONLY: True})
+                    conn.execution_options(**{READ_ONLY: True})
                 return work(conn)
         except SQLAlchemyError as error:
-            raise _store_error(error) from error
+            raise store_error(error) from error
         finally:
             with self._calls:
                 self._in_flight -= 1
@@ -142,6 +133,7 @@ class SqlLedger:
                 new = TenantRecord(tenant, plan, given or frozen_json({}), now, now)
                 insert = self._insert_ignore(TENANTS, **_tenant_values(new))
                 if conn.execute(insert).rowcount == 1:
+                    _feed.append(conn, tenant, now)
                     return new, None
                 where = TENANTS.c.tenant == tenant
                 row = conn.execute(sa.select(TENANTS).where(where).with_for_update()).one()
@@ -149,6 +141,7 @@ class SqlLedger:
                 kept = before.metadata if given is None else given
                 record = TenantRecord(tenant, plan, kept, before.created_at, now)
                 conn.execute(sa.update(TENANTS).where(where).values(**_tenant_values(record)))
+                _feed.append(conn, tenant, now)
                 return record, before
 
         return await self._call(work)
@@ -160,8 +153,9 @@ class SqlLedger:
 
         return await self._call(work, read_only=True)
 
-    async def delete_tenant(self, tenant: str) -> bool:
-        return await self._delete(sa.delete(TENANTS).where(TENANTS.c.tenant == tenant))
+    async def delete_tenant(self, tenant: str, *, now: float | None = None) -> bool:
+        statement = sa.delete(TENANTS).where(TENANTS.c.tenant == tenant)
+        return await self._delete(statement, tenant, now)
 
     async def list_tenants(self, *, prefix: str = "", limit: int = 1000) -> list[TenantRecord]:
         query = sa.select(TENANTS).order_by(TENANTS.c.tenant).limit(max(limit, 0))
@@ -191,12 +185,13 @@ class SqlLedger:
                         OVERRIDES.c.name == record.name
                     )
                     conn.execute(sa.update(OVERRIDES).where(where).values(**values))
+                _feed.append(conn, record.tenant, record.created_at)
 
         await self._call(work)
 
-    async def delete_override(self, tenant: str, name: str) -> bool:
+    async def delete_override(self, tenant: str, name: str, *, now: float | None = None) -> bool:
         where = (OVERRIDES.c.tenant == tenant) & (OVERRIDES.c.name == name)
-        return await self._delete(sa.delete(OVERRIDES).where(where))
+        return await self._delete(sa.delete(OVERRIDES).where(where), tenant, now)
 
     async def overrides(self, tenant: str) -> list[OverrideRecord]:
         query = sa.select(OVERRIDES).where(OVERRIDES.c.tenant == tenant)
@@ -400,9 +395,25 @@ class SqlLedger:
                 keys = conn.execute(
                     sa.delete(IDEMPOTENCY).where(IDEMPOTENCY.c.created_at < keys_before)
                 )
-                return events.rowcount + keys.rowcount
+                return events.rowcount + keys.rowcount + _feed.purge_feed(conn, keys_before)
 
         return await self._call(work)
+
+    # the tenant feed (see ``_feed``)
+
+    async def tenant_snapshot(self) -> TenantSnapshot:
+        def work(conn: sa.Connection) -> TenantSnapshot:
+            with conn.begin():
+                return _feed.snapshot(conn)
+
+        return await self._call(work, read_only=True)
+
+    async def tenant_changes(self, after: int, *, limit: int = 1000) -> TenantChanges:
+        def work(conn: sa.Connection) -> TenantChanges:
+            with conn.begin():
+                return _feed.changes(conn, after, limit)
+
+        return await self._call(work, read_only=True)
 
     async def ping(self) -> bool:
         def work(conn: sa.Connection) -> bool:
@@ -437,97 +448,18 @@ class SqlLedger:
 
         return await self._call(work, read_only=True)
 
-    async def _delete(self, statement: sa.Delete) -> bool:
+    async def _delete(self, statement: sa.Delete, tenant: str, now: float | None) -> bool:
+        """Delete; when that removed something, append ``tenant``'s feed row in the same
+        transaction."""
+
         def work(conn: sa.Connection) -> bool:
             with conn.begin():
-                return conn.execute(statement).rowcount > 0
+                if conn.execute(statement).rowcount == 0:
+                    return False
+                _feed.append(conn, tenant, now)
+                return True
 
         return await self._call(work)
-
-
-def _store_error(error: SQLAlchemyError) -> StoreError:
-    """The error callers see: the driver's message, the original chained as the cause."""
-    cause = error.orig if isinstance(error, DBAPIError) else error
-    return StoreError(f"the ledger database failed: {cause}")
-
-
-# --- engines --------------------------------------------------------------------------
-
-
-def _engine(url: str, busy_timeout: float) -> tuple[sa.Engine, AbstractContextManager[Any]]:
-    """The engine for ``url``, and the lock its calls must hold (only in-memory SQLite,
-    whose one shared connection cannot serve two threads at once)."""
-    parsed = sa.make_url(url)
-    json = {"json_serializer": dump_json, "json_deserializer": load_json}
-    if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
-        if parsed.database in (None, "", ":memory:"):
-            engine = sa.create_engine(
-                parsed, poolclass=StaticPool, connect_args={"check_same_thread": False}, **json
-            )
-            _sqlite_transactions(engine, busy_timeout)
-            return engine, threading.Lock()
-        engine = sa.create_engine(parsed, **json)
-        _sqlite_transactions(engine, busy_timeout)
-        return engine, nullcontext()
-    if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
-        driver = parsed.set(drivername="postgresql+psycopg")
-        return sa.create_engine(driver, pool_pre_ping=True, **json), nullcontext()
-    raise ValueError(
-        f"ledger URL scheme {parsed.drivername!r} is not supported; expected sqlite:///PATH "
-        "or postgresql://…"
-    )
-
-
-def _sqlite_transactions(engine: sa.Engine, busy_timeout: float) -> None:
-    """Take transaction control from pysqlite (SQLAlchemy's documented recipe) so that
-    writes begin IMMEDIATE, and set the durability pragmas on every new connection."""
-
-    @sa.event.listens_for(engine, "connect")
-    def connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # pysqlite no longer emits BEGIN itself
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(f"PRAGMA busy_timeout = {round(busy_timeout * 1000)}")
-            _enter_wal(cursor, busy_timeout)
-            cursor.execute("PRAGMA synchronous = FULL")
-        finally:
-            cursor.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def begin(conn: sa.Connection) -> None:
-        read_only = conn.get_execution_options().get(_READ_ONLY, False)
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
-
-
-_WAL_PAUSES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
-"""Seconds between attempts to switch to WAL; the last one repeats until the timeout."""
-
-
-def _enter_wal(cursor: sqlite3.Cursor, busy_timeout: float) -> None:
-    """Switch the database to WAL, waiting up to ``busy_timeout`` for other connections.
-
-    On a file not yet in WAL (a fresh one), ``PRAGMA journal_mode = WAL`` reads page 1
-    under a shared lock, then upgrades to a write lock to mark the file WAL. SQLite never
-    calls the busy handler for an upgrade from a lock already held (two upgraders waiting
-    on each other would deadlock), so ``busy_timeout`` does not cover it: while another
-    connection holds the write lock, as when several replicas open one fresh database at
-    once and all switch it, the pragma fails at once with ``SQLITE_BUSY`` ("database is
-    locked"). Nor can it begin IMMEDIATE: the journal mode cannot change inside a
-    transaction. So the waiting is done here: the failed pragma has released its shared
-    lock, and it is retried until it succeeds or ``busy_timeout`` has passed. On a file
-    already in WAL the pragma writes nothing and cannot meet this.
-    """
-    deadline = time.monotonic() + busy_timeout
-    for attempt in itertools.count():
-        try:
-            cursor.execute("PRAGMA journal_mode = WAL")
-        except sqlite3.OperationalError as error:
-            left = deadline - time.monotonic()
-            if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or left <= 0:
-                raise
-            time.sleep(min(_WAL_PAUSES[min(attempt, len(_WAL_PAUSES) - 1)], left))
-        else:
-            return
 
 
 # --- rows and records -----------------------------------------------------------------
