@@ -1,30 +1,49 @@
-"""Requests/s of a FastAPI app behind ``TenantGuardMiddleware``, bare, and behind slowapi.
+"""tenantguard behind HTTP, on realistic traffic: the ASGI middleware against a bare app and
+slowapi, ``POST /v1/check`` of ``tenantguard serve`` against bare endpoints, and how
+``serve --workers`` scales.
 
-One trivial JSON endpoint, the same app in every variant; each variant runs under
-uvicorn (uvloop + httptools, one worker, no access log) in its own process on a free
-loopback port, and ``wrk -t2 -c32`` loads it, sending one tenant in ``X-Tenant-Id``:
-
-* bare: no rate limiting;
-* tenantguard on memory / on Redis: the middleware, ``tenant="header:X-Tenant-Id"``,
-  one fixed-window rule of 1,000,000 per minute per tenant on every path (``?clock=server``
-  on Redis);
-* slowapi on memory / on Redis: the equivalent limit, ``1000000/minute`` keyed by the
-  same header, fixed window, ``headers_enabled=True``, with its pure-ASGI middleware.
-
-Every limit is far above what a run sends, so the requests are allowed (the table says
-how many were not 2xx). The Redis variants share one ``redis-server``
-(``tests/servers.py``), flushed before each measurement. Variants are measured in turn,
+The requests come from ``bench/traffic.py`` (Zipf-skewed org ids, a fresh id in every id
+segment), whose description is printed. wrk sends from a Lua script that this file
+writes: ``WRK_REQUESTS`` distinct requests from the generator, formatted once per wrk
+thread and then cycled (each thread from its own offset), so a server's caches meet tens
+of thousands of distinct paths and tenants, as they would in production, and wrk spends
+no time building requests. Every server runs in its own process on a free loopback port;
+``wrk -t2 -c32`` loads it for ``--seconds`` per round. Variants are measured in turn,
 round after round, so drift hits all of them alike; each figure is the best round.
 
-Then ``POST /v1/check`` of ``tenantguard serve`` itself (memory counters and ledger, its
-own uvicorn settings), under wrk with a Lua script that varies tenant and path:
-requests/s and p50/p99 latency from ``wrk --latency``.
+(a) The middleware: one FastAPI app with a route per route template of the traffic
+(``/api/v1/users/{idOrLogin}``, ``/api/v1/apps/{id}/users``…), each route its own
+handler returning a small JSON; under uvicorn (uvloop, httptools, one worker, no access
+log); the tenant in ``X-Tenant-Id``:
 
-Without wrk (``scripts/install-servers`` installs it) an async httpx load generator in
-another process stands in: slower than the servers, so its figures say little.
+* bare: no rate limiting;
+* tenantguard on memory / on Redis counters: ``TenantGuardMiddleware`` with the Okta table
+  whose every limit is raised to ``CEILING`` (the rules, routes and counting stay; nothing
+  is denied, as nothing is by the slowapi variants), its in-process ledger seeded with the
+  generator's records and overrides and loaded by ``guard.start()`` at startup;
+* slowapi on memory / on Redis: ``1000000/minute`` as a default limit keyed by the tenant
+  header, fixed window, ``headers_enabled=True``, its pure-ASGI middleware. slowapi keys
+  a default limit by tenant and route handler, which here is tenant and route template.
 
-Usage: ``python bench/bench_http.py [--seconds 10] [--rounds 2]``. The machine is small
-and shared, and wrk runs on it too: compare the ratios, measured in the same run.
+(b) ``POST /v1/check``: ``tenantguard serve`` on its defaults (memory counters, the SQLite
+ledger: a temp file seeded with the generator's records and overrides; the Okta table as
+it is, so heavy tenants do get denials: a decision either way) against two bare
+endpoints that take the same JSON body, check the same bearer token and answer a
+decision-sized JSON: one on FastAPI with a pydantic body, one on Starlette with msgspec
+(the stack ``/v1/check`` is moving to). Both bare servers run uvicorn as ``serve`` does;
+if ``serve`` writes an access log line per request, so do they (the output says which).
+Requests/s and p50/p99 from ``wrk --latency``.
+
+(c) ``serve --workers 2`` against ``--workers 1``, both on Redis counters (so the workers
+share them) and the seeded SQLite ledger: the scaling factor. Skipped, saying so, when
+``tenantguard serve --help`` has no ``--workers``. The machine has two cores and wrk
+runs on them too, so 2.0x is out of reach by construction.
+
+The Redis variants share one ``redis-server`` (``tests/servers.py``), flushed before each
+measurement. wrk is required (``scripts/install-servers`` installs it).
+
+Usage: ``python bench/bench_http.py [--quick] [--seconds 4] [--rounds 3]``. The machine
+is small and shared, and wrk runs on it too: compare the ratios, measured in one run.
 """
 
 from __future__ import annotations
@@ -32,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import os
 import re
 import shutil
@@ -40,35 +60,27 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import redis
+from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from servers import RedisServer, free_port  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
 
-LIMIT = 1_000_000
-TENANT = "tenant-1"
-PATH = "/api/v1/items"
-POLICY = f"""\
-version: 1
-plans:
-  - {{name: free, enforcement: hard}}
-default_plan: free
-headers: [okta]
-rate_limits:
-  - name: everything
-    match: {{paths: ["/**"]}}
-    algorithm: fixed-window
-    window: 1m
-    limits: {{default: {LIMIT}}}
-"""
-VARIANTS = ("bare", "tenantguard-memory", "slowapi-memory", "tenantguard-redis", "slowapi-redis")
+sys.path.insert(0, str(ROOT / "bench"))
+from traffic import OKTA_POLICY, REALISTIC, Request, Traffic, okta_policy  # noqa: E402
+
+CEILING = 1_000_000
+APP_VARIANTS = (
+    "bare", "tenantguard-memory", "slowapi-memory", "tenantguard-redis", "slowapi-redis",
+)  # fmt: skip
 LIMIT_HEADER = {
     "bare": None,
     "tenantguard-memory": "X-Rate-Limit-Limit",
@@ -76,83 +88,186 @@ LIMIT_HEADER = {
     "slowapi-memory": "X-RateLimit-Limit",
     "slowapi-redis": "X-RateLimit-Limit",
 }
+CHECK_VARIANTS = ("serve", "fastapi-bare", "starlette-msgspec-bare")
 THREADS = 2
 CONNECTIONS = 32
+WRK_REQUESTS = 50_000
 WARMUP = 1.0
-STARTUP_TIMEOUT = 30.0
+STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
-CHECK_TENANTS = 1000
-CHECK_TOKEN = "bench-token"
-CHECK_LUA = """\
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer {token}"
-local n = 0
-request = function()
-  n = n + 1
-  local body = string.format(
-    '{{"tenant":"tenant-%d","method":"GET","path":"/api/v1/items/%d"}}', n % {tenants}, n % 50)
-  return wrk.format(nil, "/v1/check", nil, body)
-end
-"""
+TOKEN = "bench-token"
 
 
-# -- the apps (run in their own processes) ------------------------------------------------
+# -- the apps of (a), each in its own process -------------------------------------------------
+
+
+def route_table(traffic: Traffic) -> list[tuple[str, list[str]]]:
+    """Each route template of the traffic with its methods, literal segments before
+    parameters at every depth (Starlette takes the first route that matches)."""
+    methods: dict[str, set[str]] = {}
+    for route in traffic.routes:
+        methods.setdefault(route.template, set()).add(route.method)
+
+    def order(template: str) -> tuple[tuple[int, str], ...]:
+        return tuple((segment.startswith("{"), segment) for segment in template.split("/"))
+
+    return [(template, sorted(methods[template])) for template in sorted(methods, key=order)]
+
+
+def _handler(index: int) -> Any:
+    """A route's own handler: slowapi keys a default limit by handler name."""
+
+    async def handler() -> dict[str, object]:
+        return {"items": [], "ok": True}
+
+    handler.__name__ = handler.__qualname__ = f"route_{index}"
+    return handler
 
 
 def build_app(variant: str, redis_url: str) -> Any:
-    """The one-endpoint FastAPI app, wrapped as ``variant`` says."""
+    """The FastAPI app of (a), wrapped as ``variant`` says."""
     from fastapi import FastAPI
 
-    app = FastAPI()
+    from tenantguard import Guard
+    from tenantguard.ledger import MemoryLedger
+    from tenantguard.middleware import TenantGuardMiddleware
 
-    @app.get(PATH)
-    async def items() -> dict[str, object]:
-        return {"items": [], "ok": True}
-
+    traffic = Traffic(REALISTIC)
+    guard: Guard | None = None
     if variant.startswith("tenantguard"):
-        from tenantguard import Guard, parse_policy
-        from tenantguard.middleware import TenantGuardMiddleware
-
+        policy = okta_policy(ceiling=CEILING)
+        ledger = MemoryLedger()
+        asyncio.run(traffic.seed_ledger(ledger, policy))
         counters = "memory" if variant.endswith("memory") else f"{redis_url}?clock=server"
-        guard = Guard(parse_policy(POLICY), counters=counters)
+        guard = Guard(policy, counters=counters, ledger=ledger)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if guard is not None and hasattr(guard, "start"):
+            await guard.start()  # the tenant directory, where the engine has one
+        yield
+        if guard is not None:
+            await guard.close()
+
+    app = FastAPI(lifespan=lifespan)
+    for index, (template, methods) in enumerate(route_table(traffic)):
+        app.add_api_route(template, _handler(index), methods=methods)
+    if guard is not None:
         return TenantGuardMiddleware(app, guard, tenant="header:X-Tenant-Id")
     if variant.startswith("slowapi"):
         from slowapi import Limiter
         from slowapi.middleware import SlowAPIASGIMiddleware
-        from starlette.requests import Request
+        from starlette.requests import Request as StarletteRequest
 
-        def tenant_key(request: Request) -> str:
+        def tenant_key(request: StarletteRequest) -> str:
             return request.headers.get("x-tenant-id", "")
 
-        storage = "memory://" if variant.endswith("memory") else redis_url
         app.state.limiter = Limiter(
             key_func=tenant_key,
-            default_limits=[f"{LIMIT}/minute"],
+            default_limits=[f"{CEILING}/minute"],
             headers_enabled=True,
             strategy="fixed-window",
-            storage_uri=storage,
+            storage_uri="memory://" if variant.endswith("memory") else redis_url,
         )
         app.add_middleware(SlowAPIASGIMiddleware)
     return app
 
 
-def serve(variant: str, port: int, redis_url: str) -> None:
+# -- the bare /v1/check endpoints of (b) -------------------------------------------------------
+
+
+class CheckModel(BaseModel):
+    """``POST /v1/check``'s body, as the FastAPI endpoint validates it."""
+
+    tenant: str
+    method: str
+    path: str
+    client: str | None = None
+    ip: str | None = None
+    user: str | None = None
+    headers: dict[str, str] | None = None
+    cost: int = 1
+
+
+class CheckStruct(msgspec.Struct, forbid_unknown_fields=True):
+    """The same body, as the Starlette endpoint decodes it."""
+
+    tenant: str
+    method: str
+    path: str
+    client: str | None = None
+    ip: str | None = None
+    user: str | None = None
+    headers: dict[str, str] | None = None
+    cost: int = 1
+
+
+def decision_like(tenant: str) -> dict[str, object]:
+    """An answer the size and shape of an allowed decision (about 500 bytes of JSON)."""
+    reset = int(time.time()) // 60 * 60 + 60
+    return {
+        "allowed": True, "status": 200, "tenant": tenant, "plan": "developer-free",
+        "rule": "user-get", "limit": 100, "remaining": 99, "reset": reset,
+        "retry_after": None, "reason": None, "degraded": False,
+        "headers": {
+            "X-Rate-Limit-Limit": "100", "X-Rate-Limit-Remaining": "99",
+            "X-Rate-Limit-Reset": str(reset),
+        },
+        "checks": [{
+            "rule": "user-get", "group": "endpoint", "algorithm": "fixed-window",
+            "outcome": "allowed", "limit": 100, "remaining": 99, "reset": reset,
+            "shadow": False, "reason": None,
+        }],
+        "lease": None,
+    }  # fmt: skip
+
+
+_BEARER = f"Bearer {TOKEN}"
+
+
+def build_check_app(variant: str) -> Any:
+    if variant == "fastapi-bare":
+        from fastapi import FastAPI, Header, HTTPException
+
+        app = FastAPI()
+
+        @app.post("/v1/check")
+        async def check(body: CheckModel, authorization: str = Header("")) -> dict[str, object]:
+            if not hmac.compare_digest(authorization, _BEARER):
+                raise HTTPException(401)
+            return decision_like(body.tenant)
+
+        return app
+    from starlette.applications import Starlette
+    from starlette.requests import Request as StarletteRequest
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    decode = msgspec.json.Decoder(CheckStruct).decode
+    encode = msgspec.json.Encoder().encode
+
+    async def endpoint(request: StarletteRequest) -> Response:
+        if not hmac.compare_digest(request.headers.get("authorization", ""), _BEARER):
+            return Response(status_code=401)
+        body = decode(await request.body())
+        return Response(encode(decision_like(body.tenant)), media_type="application/json")
+
+    return Starlette(routes=[Route("/v1/check", endpoint, methods=["POST"])])
+
+
+def serve(kind: str, variant: str, port: int, redis_url: str, access_log: bool) -> None:
     import uvicorn
 
-    uvicorn.run(
-        build_app(variant, redis_url),
-        host="127.0.0.1",
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        workers=1,
-        log_level="warning",
-        access_log=False,
-    )
+    if kind == "app":
+        uvicorn.run(
+            build_app(variant, redis_url), host="127.0.0.1", port=port, loop="uvloop",
+            http="httptools", workers=1, log_level="warning", access_log=False,
+        )  # fmt: skip
+    else:  # as ``tenantguard serve`` runs uvicorn
+        uvicorn.run(build_check_app(variant), host="127.0.0.1", port=port, access_log=access_log)
 
 
-# -- processes -----------------------------------------------------------------------------
+# -- processes -------------------------------------------------------------------------------
 
 
 class Server:
@@ -191,14 +306,17 @@ class Server:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"{self.name} exited at startup:\n{self.log_tail()}")
                 with contextlib.suppress(httpx.TransportError):
-                    if client.get(path, headers={"X-Tenant-Id": TENANT}).status_code < 500:
+                    if client.get(path).status_code < 500:
                         return
                 if time.monotonic() >= deadline:
                     raise RuntimeError(f"{self.name} not up in {STARTUP_TIMEOUT:g} s")
-                time.sleep(0.05)
+                time.sleep(0.1)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def log_tail(self) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+        return "\n".join(self.log_text().splitlines()[-20:])
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -212,34 +330,54 @@ class Server:
 
 
 @contextlib.contextmanager
-def servers(redis_url: str, directory: Path) -> Iterator[dict[str, Server]]:
-    """Every app variant and ``tenantguard serve``, started at once, stopped at the end."""
+def running(
+    servers: Sequence[tuple[str, list[str], dict[str, str] | None, str]], directory: Path
+) -> Iterator[dict[str, Server]]:
+    """``(name, argv without the port, env, readiness path)`` each started on a free port
+    (``--port`` appended), all stopped at the end."""
     started: dict[str, Server] = {}
     try:
-        for variant in VARIANTS:
+        for name, argv, env, _ in servers:
             port = free_port()
-            argv = [sys.executable, __file__, "--serve", variant, str(port), redis_url]
-            started[variant] = Server(variant, argv, port, directory)
-        policy = directory / "policy.yaml"
-        policy.write_text(POLICY)
-        port = free_port()
-        argv = [
-            str(Path(sys.executable).parent / "tenantguard"), "serve",
-            "--policy", str(policy), "--port", str(port),
-            "--counters", "memory", "--ledger", "memory",
-        ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTGUARD_")}
-        env["TENANTGUARD_ADMIN_TOKEN"] = CHECK_TOKEN
-        started["serve"] = Server("serve", argv, port, directory, env)
-        for name, server in started.items():
-            server.wait_ready("/healthz" if name == "serve" else PATH)
+            started[name] = Server(name, [*argv, "--port", str(port)], port, directory, env)
+        for name, _, _, ready in servers:
+            started[name].wait_ready(ready)
         yield started
     finally:
         for server in started.values():
             server.stop()
 
 
-# -- load ----------------------------------------------------------------------------------
+def helper_argv(kind: str, variant: str, redis_url: str, *, access_log: bool = False) -> list[str]:
+    """This file, serving one app of (a) (``kind`` app) or (b) (``kind`` check)."""
+    log = "1" if access_log else "0"
+    return [sys.executable, __file__, "--serve", kind, variant, redis_url, log]
+
+
+def serve_argv(ledger: str, counters: str = "memory", workers: int | None = None) -> list[str]:
+    argv = [
+        str(Path(sys.executable).parent / "tenantguard"), "serve",
+        "--policy", str(OKTA_POLICY), "--ledger", ledger, "--counters", counters,
+    ]  # fmt: skip
+    return argv if workers is None else [*argv, "--workers", str(workers)]
+
+
+def serve_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTGUARD_")}
+    env["TENANTGUARD_ADMIN_TOKEN"] = TOKEN
+    return env
+
+
+def serve_has_workers() -> bool:
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "tenantguard"), "serve", "--help"],
+        capture_output=True, text=True, check=False, timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    return "--workers" in done.stdout
+
+
+# -- load ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -249,6 +387,9 @@ class Load:
     non_2xx: int = 0
     errors: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)
+
+    def percentile(self, percent: str) -> float:
+        return self.latency_ms.get(percent, float("nan"))
 
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -269,143 +410,231 @@ def parse_wrk(output: str) -> Load:
     return load
 
 
-def run_wrk(url: str, seconds: float, *, script: Path | None = None) -> Load:
+def run_wrk(url: str, seconds: float, script: Path) -> Load:
     argv = [
         "wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s",
-        "--latency", "-H", f"X-Tenant-Id: {TENANT}",
+        "--latency", "-s", str(script), url,
     ]  # fmt: skip
-    if script is not None:
-        argv += ["-s", str(script)]
-    argv.append(url)
     done = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=seconds + 60)
     return parse_wrk(done.stdout)
 
 
-def run_httpx_load(url: str, seconds: float, *, script: Path | None = None) -> Load:
-    """The stand-in for wrk: CONNECTIONS asyncio clients in a separate process."""
-    check = script is not None
-    argv = [sys.executable, __file__, "--httpx-load", url, str(seconds), "1" if check else "0"]
-    done = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=seconds + 60)
-    return parse_wrk(done.stdout)
+_LUA = """\
+-- {count:,} distinct requests from bench/traffic.py, formatted once per thread and cycled;
+-- each of the {threads} threads starts at its own offset.
+local data = [==[
+{data}
+]==]
+local requests = {{}}
+local index = 0
+local threads = 0
+
+function setup(thread)
+  thread:set("offset", threads)
+  threads = threads + 1
+end
+
+function init(args)
+  for method, path, tenant in data:gmatch("(%S+) (%S+) (%S+)\\n") do
+{build}
+  end
+  data = nil
+  index = math.floor((offset or 0) * #requests / {threads})
+end
+
+function request()
+  index = index % #requests + 1
+  return requests[index]
+end
+"""
+_BUILD_GET = """\
+    requests[#requests + 1] = wrk.format(method, path, {["X-Tenant-Id"] = tenant})"""
+_BUILD_CHECK = """\
+    local body = string.format('{"tenant":"%s","method":"%s","path":"%s"}', tenant, method, path)
+    requests[#requests + 1] = wrk.format("POST", "/v1/check", {
+      ["Content-Type"] = "application/json", ["Authorization"] = "Bearer TOKEN"}, body)"""
 
 
-def httpx_load(url: str, seconds: float, check: bool) -> None:
-    """Print wrk-like lines for ``seconds`` of load from CONNECTIONS concurrent clients."""
-    latencies: list[float] = []
-    counts = [0, 0]
-
-    async def worker(client: httpx.AsyncClient, index: int, deadline: float) -> None:
-        n = index
-        while time.perf_counter() < deadline:
-            n += CONNECTIONS
-            start = time.perf_counter()
-            if check:
-                body = {"tenant": f"tenant-{n % CHECK_TENANTS}", "method": "GET", "path": PATH}
-                response = await client.post("/v1/check", json=body)
-            else:
-                response = await client.get(PATH)
-            latencies.append(time.perf_counter() - start)
-            counts[0] += 1
-            counts[1] += not 200 <= response.status_code < 400
-
-    async def main() -> float:
-        headers = {"X-Tenant-Id": TENANT, "Authorization": f"Bearer {CHECK_TOKEN}"}
-        limits = httpx.Limits(max_connections=CONNECTIONS)
-        async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits) as client:
-            start = time.perf_counter()
-            deadline = start + seconds
-            await asyncio.gather(*(worker(client, i, deadline) for i in range(CONNECTIONS)))
-            return time.perf_counter() - start
-
-    elapsed = asyncio.run(main())
-    latencies.sort()
-    print(f"  {counts[0]} requests in {elapsed:.2f}s")
-    print(f"Requests/sec: {counts[0] / elapsed:.2f}")
-    if counts[1]:
-        print(f"  Non-2xx or 3xx responses: {counts[1]}")
-    for percent in (50, 99):
-        value = latencies[min(len(latencies) - 1, len(latencies) * percent // 100)]
-        print(f"     {percent}%    {value * 1000:.2f}ms")
+def wrk_script(requests: Sequence[Request], *, check: bool) -> str:
+    """A wrk script cycling ``requests``: as they are (tenant in ``X-Tenant-Id``), or as
+    ``POST /v1/check`` bodies. Paths and ids are base62 and ``/`` only: no quoting."""
+    data = "\n".join(f"{r.method} {r.path} {r.tenant}" for r in requests)
+    build = _BUILD_CHECK.replace("TOKEN", TOKEN) if check else _BUILD_GET
+    return _LUA.format(count=len(requests), threads=THREADS, data=data, build=build)
 
 
-# -- the table -----------------------------------------------------------------------------
+# -- the phases ------------------------------------------------------------------------------
 
 
-def report(seconds: float, rounds: int) -> None:
+def measure_in_turn(
+    servers: dict[str, Server],
+    names: Sequence[str],
+    path: str,
+    script: Path,
+    seconds: float,
+    rounds: int,
+    control: redis.Redis,
+) -> dict[str, Load]:
+    """A warm-up each, then ``rounds`` rounds of every variant in turn; the best round."""
+    for name in names:
+        run_wrk(servers[name].url + path, WARMUP, script)
+    results: dict[str, list[Load]] = {name: [] for name in names}
+    for number in range(1, rounds + 1):
+        for name in names:
+            control.flushall()
+            result = run_wrk(servers[name].url + path, seconds, script)
+            results[name].append(result)
+            print(
+                f"  round {number} {name:<24} {result.rate:>9,.0f}/s"
+                f"  p50 {result.percentile('50'):.2f} ms  p99 {result.percentile('99'):.2f} ms"
+                f"  non-2xx {result.non_2xx}  socket errors {result.errors}",
+                flush=True,
+            )
+    return {name: max(loads, key=lambda load: load.rate) for name, loads in results.items()}
+
+
+def middleware_phase(
+    requests: Sequence[Request], redis_url: str, directory: Path, options: Options,
+    control: redis.Redis,
+) -> dict[str, Load]:  # fmt: skip
+    script = directory / "app.lua"
+    script.write_text(wrk_script(requests, check=False))
+    first = requests[0]
+    servers = [(v, helper_argv("app", v, redis_url), None, "/openapi.json") for v in APP_VARIANTS]
+    with running(servers, directory) as started:
+        with httpx.Client(timeout=5.0, headers={"X-Tenant-Id": first.tenant}) as client:
+            for variant, header in LIMIT_HEADER.items():
+                response = client.request(first.method, started[variant].url + first.path)
+                if response.status_code != 200:
+                    raise RuntimeError(f"{variant}: {response.status_code} {response.text}")
+                if header is not None and header not in response.headers:
+                    raise RuntimeError(f"{variant}: no {header} in {response.headers}")
+        print("(a) the middleware: GET and friends on the app's routes", flush=True)
+        return measure_in_turn(
+            started, APP_VARIANTS, "", script, options.seconds, options.rounds, control
+        )
+
+
+def check_phase(
+    requests: Sequence[Request], ledger: str, directory: Path, options: Options,
+    control: redis.Redis,
+) -> tuple[dict[str, Load], bool]:  # fmt: skip
+    """(b); also whether ``serve`` logs each request (the bare servers then do too)."""
+    script = directory / "check.lua"
+    script.write_text(wrk_script(requests, check=True))
+    body = {"tenant": requests[0].tenant, "method": requests[0].method, "path": requests[0].path}
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with running([("serve", serve_argv(ledger), serve_env(), "/healthz")], directory) as one:
+        answer = httpx.post(one["serve"].url + "/v1/check", json=body, headers=auth, timeout=5)
+        if answer.status_code != 200 or "allowed" not in answer.json():
+            raise RuntimeError(f"serve /v1/check: {answer.status_code} {answer.text}")
+        time.sleep(0.5)
+        access_log = "POST /v1/check" in one["serve"].log_text()
+        bare = [
+            (name, helper_argv("check", name, "", access_log=access_log), None, "/v1/check")
+            for name in CHECK_VARIANTS[1:]
+        ]
+        with running(bare, directory) as others:
+            servers = {**one, **others}
+            for name in CHECK_VARIANTS[1:]:
+                answer = httpx.post(
+                    servers[name].url + "/v1/check", json=body, headers=auth, timeout=5
+                )
+                if answer.status_code != 200 or "allowed" not in answer.json():
+                    raise RuntimeError(f"{name}: {answer.status_code} {answer.text}")
+            print(
+                "(b) POST /v1/check"
+                + (" (serve logs every request; so do the bare servers)" if access_log else ""),
+                flush=True,
+            )
+            loads = measure_in_turn(
+                servers, CHECK_VARIANTS, "/v1/check", script, options.seconds, options.rounds,
+                control,
+            )  # fmt: skip
+    return loads, access_log
+
+
+def workers_phase(
+    ledger: str, redis_url: str, directory: Path, options: Options, control: redis.Redis
+) -> dict[int, Load] | None:
+    """(c), or ``None`` when ``serve`` has no ``--workers`` yet."""
+    if not serve_has_workers():
+        return None
+    script = directory / "check.lua"
+    loads: dict[int, Load] = {}
+    print("(c) serve --workers on Redis counters", flush=True)
+    for workers in (1, 2):
+        argv = serve_argv(ledger, f"{redis_url}?clock=server", workers)
+        name = f"serve-{workers}w"
+        with running([(name, argv, serve_env(), "/healthz")], directory) as one:
+            best = measure_in_turn(
+                one, [name], "/v1/check", script, options.seconds, options.rounds, control
+            )
+            loads[workers] = best[name]
+    return loads
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+class Options:
+    def __init__(self, *, seconds: float, rounds: int) -> None:
+        self.seconds = seconds
+        self.rounds = rounds
+
+
+def report(options: Options) -> None:
     started = time.perf_counter()
-    load = run_wrk if shutil.which("wrk") else run_httpx_load
-    generator = (
-        f"wrk -t{THREADS} -c{CONNECTIONS} -d{seconds:g}s"
-        if load is run_wrk
-        else f"httpx load generator ({CONNECTIONS} clients, another process; wrk not found)"
-    )
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: scripts/install-servers installs it")
+    traffic = Traffic(REALISTIC)
+    requests = traffic.requests(WRK_REQUESTS)
+    print(traffic.describe(requests), flush=True)
     with (
         tempfile.TemporaryDirectory(prefix="tenantguard-bench-http-") as tmp,
         RedisServer() as redis_server,
     ):
         directory = Path(tmp)
+        ledger = f"sqlite:///{directory / 'serve.db'}"
+        asyncio.run(traffic.seed_sqlite(ledger, okta_policy()))
         control: redis.Redis = redis_server.client()
-        script = directory / "check.lua"
-        script.write_text(CHECK_LUA.format(token=CHECK_TOKEN, tenants=CHECK_TENANTS))
         try:
-            with servers(redis_server.url, directory) as running:
-                print(
-                    f"{generator}; uvicorn (uvloop, httptools, 1 worker) per app;"
-                    f" redis-server {control.info('server')['redis_version']};"
-                    f" best of {rounds} rounds",
-                    flush=True,
-                )
-                sanity(running)
-                for variant in VARIANTS:  # warm up: imports, connections, caches
-                    load(running[variant].url + PATH, WARMUP)
-                results: dict[str, list[Load]] = {variant: [] for variant in VARIANTS}
-                for round_number in range(1, rounds + 1):
-                    for variant in VARIANTS:
-                        control.flushall()
-                        result = load(running[variant].url + PATH, seconds)
-                        results[variant].append(result)
-                        print(
-                            f"  round {round_number} {variant:<20} {result.rate:>9,.0f}/s"
-                            f"  non-2xx {result.non_2xx}  socket errors {result.errors}",
-                            flush=True,
-                        )
-                load(running["serve"].url + "/v1/check", WARMUP, script=script)
-                checks = [
-                    load(running["serve"].url + "/v1/check", seconds, script=script)
-                    for _ in range(rounds)
-                ]
+            print(
+                f"wrk -t{THREADS} -c{CONNECTIONS} -d{options.seconds:g}s cycling"
+                f" {len(requests):,} distinct requests; redis-server"
+                f" {control.info('server')['redis_version']}; best of {options.rounds} rounds",
+                flush=True,
+            )
+            apps = middleware_phase(requests, redis_server.url, directory, options, control)
+            checks, access_log = check_phase(requests, ledger, directory, options, control)
+            workers = workers_phase(ledger, redis_server.url, directory, options, control)
         finally:
             control.close()
-    best = {variant: max(results[variant], key=lambda r: r.rate) for variant in VARIANTS}
-    print_table(best, max(checks, key=lambda r: r.rate))
+    print()
+    print(traffic.describe(requests))
+    print(f"wrk cycles {len(requests):,} distinct requests from the generator")
+    print_apps(apps)
+    print_checks(checks, access_log)
+    print_workers(workers)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 
-def sanity(running: dict[str, Server]) -> None:
-    """Each variant answers 200 and, where it limits, says so in its headers."""
-    with httpx.Client(timeout=5.0, headers={"X-Tenant-Id": TENANT}) as client:
-        for variant, header in LIMIT_HEADER.items():
-            response = client.get(running[variant].url + PATH)
-            if response.status_code != 200:
-                raise RuntimeError(f"{variant}: {response.status_code} {response.text}")
-            if header is not None and response.headers.get(header) != str(LIMIT):
-                raise RuntimeError(f"{variant}: no {header}: {LIMIT} in {response.headers}")
-        body = {"tenant": TENANT, "method": "GET", "path": PATH}
-        auth = {"Authorization": f"Bearer {CHECK_TOKEN}"}
-        response = client.post(running["serve"].url + "/v1/check", json=body, headers=auth)
-        if response.status_code != 200 or response.json()["allowed"] is not True:
-            raise RuntimeError(f"serve /v1/check: {response.status_code} {response.text}")
-
-
-def print_table(best: dict[str, Load], check: Load) -> None:
+def print_apps(best: dict[str, Load]) -> None:
     bare = best["bare"].rate
     print()
-    print(f"requests/s, GET {PATH} (one JSON endpoint), limit {LIMIT:,}/min per tenant")
-    print(f"{'variant':<20} | {'requests/s':>10} | {'vs bare':>7} | {'non-2xx':>7}")
-    for variant in VARIANTS:
+    print(
+        f"(a) requests/s, a FastAPI app with a route per route template, limits at {CEILING:,}"
+        " (nothing denied)"
+    )
+    print(
+        f"{'variant':<20} | {'requests/s':>10} | {'vs bare':>7} | {'p50 ms':>6} | {'p99 ms':>6} |"
+        f" {'non-2xx':>7}"
+    )
+    for variant in APP_VARIANTS:
         result = best[variant]
         print(
             f"{variant:<20} | {result.rate:>10,.0f} | {result.rate / bare:>6.2f}x |"
+            f" {result.percentile('50'):>6.2f} | {result.percentile('99'):>6.2f} |"
             f" {result.non_2xx:>7}"
         )
     targets = [
@@ -421,38 +650,72 @@ def print_table(best: dict[str, Load], check: Load) -> None:
             3.0,
         ),
     ]
-    print()
     for name, ratio, target in targets:
         verdict = "met" if ratio >= target else "NOT met"
-        print(f"{name:<36} {ratio:>6.3f}x  (target >= {target:g}x: {verdict})")
+        print(f"  {name:<36} {ratio:>6.2f}x  (target >= {target:g}x: {verdict})")
+
+
+def print_checks(best: dict[str, Load], access_log: bool) -> None:
     print()
-    p50 = check.latency_ms.get("50", float("nan"))
-    p99 = check.latency_ms.get("99", float("nan"))
     print(
-        f"tenantguard serve POST /v1/check (memory counters and ledger, {CHECK_TENANTS} tenants):"
-        f" {check.rate:,.0f}/s  p50 {p50:.2f} ms  p99 {p99:.2f} ms  non-2xx {check.non_2xx}"
+        "(b) POST /v1/check: serve on its defaults (memory counters, SQLite ledger seeded with"
+        " the generator's records) vs bare endpoints with the same body and token"
+        + ("; every server writes an access log line per request" if access_log else "")
+    )
+    print(
+        f"{'variant':<24} | {'requests/s':>10} | {'p50 ms':>6} | {'p99 ms':>6} |"
+        f" {'vs FastAPI bare':>15} | {'vs Starlette bare':>17} | {'non-2xx':>7}"
+    )
+    fastapi = best["fastapi-bare"].rate
+    starlette = best["starlette-msgspec-bare"].rate
+    for name in CHECK_VARIANTS:
+        result = best[name]
+        print(
+            f"{name:<24} | {result.rate:>10,.0f} | {result.percentile('50'):>6.2f} |"
+            f" {result.percentile('99'):>6.2f} | {result.rate / fastapi:>14.2f}x |"
+            f" {result.rate / starlette:>16.2f}x | {result.non_2xx:>7}"
+        )
+
+
+def print_workers(loads: dict[int, Load] | None) -> None:
+    print()
+    if loads is None:
+        print(
+            "(c) serve --workers: skipped, `tenantguard serve --help` has no --workers option"
+            " in this engine state"
+        )
+        return
+    print("(c) POST /v1/check, serve on Redis counters and the SQLite ledger")
+    for workers, load in loads.items():
+        print(
+            f"  --workers {workers}: {load.rate:>9,.0f}/s  p50 {load.percentile('50'):.2f} ms"
+            f"  p99 {load.percentile('99'):.2f} ms  non-2xx {load.non_2xx}"
+        )
+    print(
+        f"  scaling 2 workers / 1: {loads[2].rate / loads[1].rate:.2f}x (2 cores, shared with wrk)"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=10.0, help="one measurement")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--serve", nargs=3, metavar=("VARIANT", "PORT", "REDIS_URL"))
-    parser.add_argument("--httpx-load", nargs=3, metavar=("URL", "SECONDS", "CHECK"))
+    parser.add_argument("--seconds", type=float, default=4.0, help="one measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1 round of 2 s each")
+    parser.add_argument("--serve", nargs=4, metavar=("KIND", "VARIANT", "REDIS_URL", "ACCESS_LOG"))
+    parser.add_argument("--port", type=int)
     args = parser.parse_args()
     if args.serve:
-        variant, port, redis_url = args.serve
-        serve(variant, int(port), redis_url)
-    elif args.httpx_load:
-        url, seconds, check = args.httpx_load
-        httpx_load(url, float(seconds), check == "1")
-    else:
-        try:
-            report(args.seconds, args.rounds)
-        except KeyboardInterrupt:
-            print("\ninterrupted; servers stopped", file=sys.stderr)
-            raise SystemExit(130) from None
+        kind, variant, redis_url, access_log = args.serve
+        serve(kind, variant, args.port, redis_url, access_log == "1")
+        return
+    options = Options(seconds=args.seconds, rounds=args.rounds)
+    if args.quick:
+        options = Options(seconds=2.0, rounds=1)
+    try:
+        report(options)
+    except KeyboardInterrupt:
+        print("\ninterrupted; servers stopped", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
