@@ -212,7 +212,7 @@ async def test_a_missing_file_is_reported_until_it_is_back(policy_file: Path) ->
     assert guard.reload_error is None
 
 
-async def test_replace_policy_drops_cached_plans_and_tenant_states() -> None:
+async def test_replace_policy_drops_cached_route_plans() -> None:
     guard = Guard(parse_policy(policy_text()), clock=lambda: MINUTE)
     await guard.tenants.upsert("acme", plan="pro")
     assert (await guard.check("acme", "GET", "/reports/1")).limit == 50

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tenantguard import parse_policy
 from tenantguard._paths import normalise_path, parse_template
@@ -155,3 +159,59 @@ def test_lookup_cost_does_not_grow_with_rules(extra_rules: int) -> None:
     assert table.match("GET", "/api/v1/users/42")[0].name == "target"
     # root, api, v1, users, {id}: a fixed number of nodes whatever the rule count
     assert CountingTable.visits == 5
+
+
+def _reference(table: RouteTable, method: str, path: str) -> tuple[str, ...]:
+    """The winner of each group read off the full candidate list, no shape cache."""
+    found: dict[str, str] = {}
+    for candidate in table.candidates(method, path):
+        if not candidate.excluded:
+            found.setdefault(candidate.rule.group, candidate.rule.name)
+    return tuple(found[group] for group in table.groups if group in found)
+
+
+OKTA = parse_policy(
+    (Path(__file__).parent.parent / "examples" / "okta-management.yaml").read_text(),
+    source="okta-management.yaml",
+)
+_LITERALS = sorted(
+    {value for rule in OKTA.rules for t in rule.templates for kind, value in t.segments if not kind}
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "get", "PATCH"]),
+    segments=st.lists(
+        st.one_of(
+            st.sampled_from(_LITERALS),
+            st.text(alphabet="abc0u%2F.", min_size=1, max_size=6),
+        ),
+        max_size=7,
+    ),
+    tail=st.sampled_from(["", "/", "?q=1", "#x", "//"]),
+)
+def test_shared_shapes_match_exactly_what_a_full_walk_matches(
+    method: str, segments: list[str], tail: str
+) -> None:
+    path = "/" + "/".join(segments) + tail
+    names = tuple(rule.name for rule in OKTA.routes.match(method, path))
+    assert names == _reference(OKTA.routes, method, path)
+
+
+def test_paths_differing_only_in_ids_share_one_route_id() -> None:
+    routes = OKTA.routes
+    first = routes.route_id("GET", "/api/v1/users/00u1")
+    assert routes.route_id("GET", "/api/v1/users/00u2xyz") == first
+    assert routes.route_id("GET", "/api/v1/users/00u3/") == first  # spelled otherwise
+    assert routes.route_id("GET", "/api/v1/apps/0oa1") != first
+    # another shape (a literal of some template is never masked), the same rules: one id
+    assert routes.route_id("GET", "/api/v1/users/apps") == first
+
+
+def test_route_ids_stay_few_whatever_the_number_of_paths() -> None:
+    table = parse_policy(policy_with(("by-id", '["/items/{id}"]', ""))).routes
+    for index in range(20_000):
+        table.route_id("GET", f"/items/{index}")
+        table.route_id("GET", f"/other/{index}/x")
+    assert len(table.matched) == 2  # the rule, and no rule

@@ -10,13 +10,18 @@ that order, so the first unexcluded rule seen for a group is its winner. One tri
 built per method the policy names (plus one for all other methods), which turns the
 method rule into a static ordering of the trie's leaves.
 
-Results are memoised per (method, raw path) in a bounded table, since real traffic
-repeats paths heavily; a miss costs one normalisation and one walk.
+Results are memoised by the path's *shape*, not its spelling: a segment that equals no
+literal of any template (an id, in practice) can only ever meet a parameter, ``*`` or
+``**``, so it is masked before the lookup and ``/users/00u8f3`` and ``/users/00u9x1``
+share one entry. Real traffic carries a fresh id in almost every path; keyed by the raw
+path, every such request would miss and walk the trie again. Each distinct outcome gets
+a small number, its ``route id``, which the engine keys what it computes per route by,
+so that too is shared by every path that matched the same rules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from tenantguard._paths import LITERAL, PARAM, REST, PathTemplate, normalise_path
@@ -24,7 +29,7 @@ from tenantguard._rules import CompiledRule
 
 __all__ = ["Candidate", "Conflict", "RouteTable", "find_conflicts"]
 
-_CACHE_SIZE = 8192
+_SHAPES = 65_536  # cached shapes; when full, the table starts again
 Entry = tuple[CompiledRule, PathTemplate]
 
 
@@ -68,7 +73,15 @@ class RouteTable:
         methods = sorted({method for rule in rules for method in rule.methods or ()})
         self._tries = {method: self._build(method) for method in methods}
         self._other = self._build(None)
-        self._cache: dict[tuple[str, str], tuple[CompiledRule, ...]] = {}
+        templates = [t for rule in rules for t in (*rule.templates, *rule.excepts)]
+        self._literals = frozenset(
+            value for template in templates for kind, value in template.segments if kind == LITERAL
+        )
+        self._shapes: dict[tuple[str, ...], int] = {}
+        self._ids: dict[tuple[CompiledRule, ...], int] = {}
+        self.matched: list[tuple[CompiledRule, ...]] = []
+        """``matched[route_id]``: the rules a route id stands for. Grows with the number
+        of distinct outcomes, which the policy bounds (one rule or none per group)."""
 
     def _build(self, method: str | None) -> _Node:
         root = _Node()
@@ -100,11 +113,39 @@ class RouteTable:
 
     def match(self, method: str, path: str) -> tuple[CompiledRule, ...]:
         """The winning rule of each group that has one, in the policy's group order."""
-        key = (method, path)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        segments = normalise_path(path)
+        return self.matched[self.route_id(method, path)]
+
+    def route_id(self, method: str, path: str) -> int:
+        """A number for the rules ``method`` and ``path`` match; equal for every request
+        that matches the same rules (see the module docstring)."""
+        literals = self._literals
+        if (
+            path[:1] == "/"
+            and path[-1] != "/"
+            and not ("?" in path or "#" in path or "%" in path or "//" in path or "/." in path)
+        ):  # already normal, as nearly every path is: normalise_path's own fast path, inline
+            parts: Iterable[str] = path[1:].split("/")
+        else:
+            parts = normalise_path(path)
+        key = (method, *[part if part in literals else "" for part in parts])
+        found = self._shapes.get(key)
+        if found is None:
+            found = self._learn(key)
+        return found
+
+    def _learn(self, key: tuple[str, ...]) -> int:
+        # masked segments ("") equal no literal, so walking the key walks the path
+        result = self._walk_groups(key[0], key[1:])
+        found = self._ids.get(result)
+        if found is None:
+            found = self._ids[result] = len(self.matched)
+            self.matched.append(result)
+        if len(self._shapes) >= _SHAPES:
+            self._shapes.clear()
+        self._shapes[key] = found
+        return found
+
+    def _walk_groups(self, method: str, segments: tuple[str, ...]) -> tuple[CompiledRule, ...]:
         found: dict[str, CompiledRule] = {}
         wanted = len(self.groups)
         for rule, _template in self._walk(self._trie(method), segments, 0):
@@ -112,11 +153,7 @@ class RouteTable:
                 found[rule.group] = rule
                 if len(found) == wanted:
                     break
-        result = tuple(found[group] for group in self.groups if group in found)
-        if len(self._cache) >= _CACHE_SIZE:
-            del self._cache[next(iter(self._cache))]
-        self._cache[key] = result
-        return result
+        return tuple(found[group] for group in self.groups if group in found)
 
     def candidates(self, method: str, path: str) -> list[Candidate]:
         """Every matching template in precedence order, excluded ones flagged."""

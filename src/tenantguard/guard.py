@@ -8,14 +8,16 @@ does I/O, so a synchronous facade shares the first and last without a copy.
 
 from __future__ import annotations
 
-import itertools
+import asyncio
+import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tenantguard._directory import Overridden, TenantDirectory
 from tenantguard._effective import effective_limit, effective_value
 from tenantguard._headers import HeaderStyle
 from tenantguard._leases import decode_lease, encode_lease, new_lease_id
@@ -34,25 +36,19 @@ from tenantguard.decision import Decision, RuleCheck
 from tenantguard.errors import StoreError
 from tenantguard.events import EventSink
 from tenantguard.increases import IncreaseRequests
-from tenantguard.ledger import (
-    EventRecord,
-    Ledger,
-    MemoryLedger,
-    OverrideRecord,
-    TenantRecord,
-    open_ledger,
-)
+from tenantguard.ledger import EventRecord, Ledger, MemoryLedger, OverrideRecord, open_ledger
 from tenantguard.overrides import Overrides
 from tenantguard.policy import Policy
 from tenantguard.quotas import Quotas
 from tenantguard.stores import CounterSpec, CounterStore, MemoryCounters, open_counters
-from tenantguard.tenants import Tenants, check_tenant_id
+from tenantguard.tenants import MAX_TENANT_ID, Tenants, check_tenant_id
 
 __all__ = ["Guard", "TenantStatus"]
 
 Clock = Callable[[], float]
+Spawn = Callable[[Coroutine[Any, Any, Any]], object]
 _PLAN_CACHE_SIZE = 16384
-_STATE_CACHE_SIZE = 100_000
+_NO_OVERRIDES: dict[str, OverrideRecord] = {}
 _NOTICED_SIZE = 100_000
 _ALIGNED = ("fixed-window", "sliding-window")
 _RETIRED_TALLIES = 8  # replaced views whose allowed counts are kept apart, see replace_policy
@@ -104,24 +100,23 @@ class TenantStatus:
     the guard's clock); ``stale_checks`` counts the checks answered while ``down``."""
 
     ledger: str
-    stale_seconds: float
+    stale_seconds: float | None
+    """``None`` until the state was read once."""
     tenants: int
+    """Tenants held: those with a record or an override."""
     stale_checks: int
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class TenantState:
-    """What a check needs to know of a tenant, cached for at most ``tenant_ttl`` seconds
-    (and never past the expiry of one of its overrides)."""
+    """What the services need to know of a tenant: its plan under the current policy
+    and the overrides in force, from the tenant directory."""
 
     tenant: str
-    record: TenantRecord | None
     plan: str
     slot: int
     enforcement: str
-    overrides: dict[str, OverrideRecord]
-    version: int
-    expires: float
+    overrides: Mapping[str, OverrideRecord]
     policy: Policy
     """The policy ``plan`` and ``slot`` refer to (a reload may have replaced it since)."""
 
@@ -143,8 +138,13 @@ class _PolicyView:
     default_slot: int
     names: tuple[str, ...]
     allowed: list[int]
-    states: dict[str, TenantState] = field(default_factory=dict)
-    plans: dict[tuple[Any, ...], RoutePlan] = field(default_factory=dict)
+    plan_index: Mapping[str, int]
+    plan_count: int
+    route_id: Callable[[str, str], int]
+    routes: dict[object, RoutePlan] = field(default_factory=dict)
+    """Route plans by ``route id × plans + plan index``, or for a tenant with overrides
+    by ``(route id, plan index, tenant, overrides version)``: by what the request
+    matched, never by its raw path, so a fresh id in every path costs no more."""
 
     @classmethod
     def of(cls, policy: Policy) -> _PolicyView:
@@ -152,7 +152,8 @@ class _PolicyView:
         names = tuple(rule.name for rule in policy.rules)  # rule.slot indexes these
         return cls(
             policy, policy.document.headers, default, policy.plan_index[default],
-            names, [0] * len(names),
+            names, [0] * len(names), policy.plan_index, len(policy.plan_index),
+            policy.routes.route_id,
         )  # fmt: skip
 
 
@@ -163,9 +164,15 @@ class Guard:
     is ``"memory"`` (default), a ``sqlite:///`` or ``postgresql://`` URL or a ``Ledger``.
     ``clock`` returns epoch seconds and is the only time source (inject one in tests).
 
-    Tenant records and overrides are cached in process for ``tenant_ttl`` seconds
-    (default 2) when the ledger is shared (SQLite file, PostgreSQL): a change made through
-    this guard applies at once, one made through another replica within that bound.
+    Tenant records and overrides are held in memory (``tenantguard._directory``), so a
+    check never waits on the ledger. With a shared ledger (SQLite file, PostgreSQL) the
+    guard polls the ledger's change feed every ``tenant_ttl`` seconds (default 1): a
+    change made through this guard applies at once, one made through another replica
+    within ``tenant_ttl`` plus one poll's query. While the ledger does not answer,
+    checks go on with the last known state (``tenant_status``).
+
+    ``background`` starts the polls' coroutines when the check runs outside an event
+    loop (``SyncGuard`` points it at its own loop); in a loop they are tasks of it.
 
     ``replace_policy`` swaps the policy while serving (``tenantguard.reload`` watches a
     file and calls it); ``reload_error`` says why the last reload failed, or is ``None``.
@@ -180,7 +187,7 @@ class Guard:
         counters: str | CounterStore = "memory",
         ledger: str | Ledger = "memory",
         clock: Clock = time.time,
-        tenant_ttl: float = 2.0,
+        tenant_ttl: float = 1.0,
     ) -> None:
         self.policy = policy
         self.reload_error: str | None = None
@@ -194,9 +201,13 @@ class Guard:
         self.overrides = Overrides(self)
         self.increase_requests = IncreaseRequests(self)
         self._view = _PolicyView.of(policy)
-        # an in-process ledger has no other writer: what this guard changes it forgets
-        self._tenant_ttl = math.inf if isinstance(self.ledger, MemoryLedger) else tenant_ttl
-        self._versions = itertools.count(1)
+        # an in-process ledger has no other writer: what this guard changes it applies
+        interval = math.inf if isinstance(self.ledger, MemoryLedger) else tenant_ttl
+        self._directory = TenantDirectory(self.ledger, interval=interval)
+        self._first_load_tried = False
+        self._poller: asyncio.Task[None] | None = None
+        self._polls: set[asyncio.Task[bool]] = set()
+        self.background: Spawn | None = None
         self._noticed: dict[tuple[str, str, float], None] = {}
         # outcome -> rule named by the decision ("" for none) -> checks; allowed decisions
         # with a binding rule are in the views' lists (_PolicyView.allowed), replaced
@@ -212,8 +223,9 @@ class Guard:
 
         One assignment, so no check sees half of it: a check already under way finishes
         under the old policy (its rules, limits, headers style and ``on_store_error``),
-        every later one uses the new. Route plans and cached tenant states are dropped
-        with the old policy, since both embed its values. Counters stay in
+        every later one uses the new. Route plans are dropped with the old policy, since
+        they embed its values; a tenant whose plan the new policy lacks is on its default
+        plan until a policy names it again. Counters stay in
         the store under their table ids (``rule|algorithm|window``), so a rule that keeps
         its name, algorithm and window carries on counting; a changed limit applies to
         the count so far from the next check. Quotas, overrides and tenants read
@@ -260,14 +272,25 @@ class Guard:
         return self._local is not None
 
     async def tenant_state(self, tenant: str) -> TenantState:
-        """The tenant's plan and live overrides, from cache or the ledger (``state.slot``
-        indexes ``state.policy``, which a reload may have replaced meanwhile)."""
-        view = self._view
-        state = view.states.get(tenant)
+        """The tenant's plan and live overrides, from the tenant directory
+        (``state.slot`` indexes ``state.policy``, which a reload may replace meanwhile)."""
+        check_tenant_id(tenant)
         now = self._clock()
-        if state is None or state.expires <= now:
-            state = await self._load_state(tenant, now, view)
-        return state
+        view = self._view
+        await self._follow(now)
+        entry = self._directory.entry(tenant, now)
+        plan, slot = self._plan_of(entry, view)
+        overrides = entry.live if isinstance(entry, Overridden) else _NO_OVERRIDES
+        policy = view.policy
+        return TenantState(tenant, plan, slot, policy.enforcement(slot), overrides, policy)
+
+    @staticmethod
+    def _plan_of(entry: str | Overridden | None, view: _PolicyView) -> tuple[str, int]:
+        name = entry.plan if isinstance(entry, Overridden) else entry
+        slot = None if name is None else view.plan_index.get(name)
+        if slot is None or name is None:
+            return view.default_plan, view.default_slot
+        return name, slot
 
     async def limits(self, tenant: str) -> dict[str, Any]:
         """Every effective rate limit, quota and entitlement of ``tenant``, with current
@@ -314,45 +337,80 @@ class Guard:
         }
 
     async def start(self) -> None:
-        """Load the tenant directory and follow the ledger's changes in the background
-        (``serve`` calls it at start-up; a library user may, or let the first check)."""
+        """Load the tenant directory, then poll the ledger's change feed every
+        ``tenant_ttl`` seconds on a task of this event loop until ``close``.
+
+        ``serve`` calls it before it answers anything. Without it the first check (or
+        tenant lookup) loads the directory and later checks start polls when due, by
+        the guard's clock. A ledger that does not answer at start-up is not an error:
+        every tenant is on the default plan until a poll succeeds (``tenant_status``
+        says ``loading``)."""
+        directory = self._directory
+        if not self._first_load_tried:
+            self._first_load_tried = True
+            await directory.refresh(self._clock())
+        if self._poller is None and math.isfinite(directory.interval):
+            directory.next_poll = math.inf  # the task polls; checks need not
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def _poll_forever(self) -> None:
+        interval = self._directory.interval
+        while True:
+            await asyncio.sleep(interval)
+            await self._directory.refresh(self._clock())
 
     async def refresh(self) -> bool:
-        """Apply the ledger's tenant changes now; False when the ledger did not answer."""
-        return True
+        """Apply the ledger's tenant changes now (the first call loads every tenant);
+        False when the ledger did not answer, and the last known state stays."""
+        self._first_load_tried = True
+        return await self._directory.refresh(self._clock())
 
     def tenant_status(self) -> TenantStatus:
         """How current the tenant state is, for ``/readyz`` and the metrics."""
-        return TenantStatus("ok", 0.0, 0, 0)
-
-    def forget(self, tenant: str) -> None:
-        """Drop the cached state, so the next check reads the ledger."""
-        self._view.states.pop(tenant, None)
-
-    async def _load_state(self, tenant: str, now: float, view: _PolicyView) -> TenantState:
-        check_tenant_id(tenant)
-        record = await self.ledger.get_tenant(tenant)
-        live = {
-            item.name: item
-            for item in await self.ledger.overrides(tenant)
-            if item.expires_at is None or item.expires_at > now
-        }
-        policy = view.policy
-        plan, slot = view.default_plan, view.default_slot
-        if record is not None and record.plan in policy.plan_index:
-            plan, slot = record.plan, policy.plan_index[record.plan]
-        expires = min(
-            [now + self._tenant_ttl, *(o.expires_at for o in live.values() if o.expires_at)]
+        directory = self._directory
+        ledger = "loading" if not directory.loaded else "down" if directory.down else "ok"
+        stale = directory.stale_seconds(self._clock())
+        return TenantStatus(
+            ledger,
+            None if math.isinf(stale) else stale,
+            len(directory.entries),
+            directory.stale_checks,
         )
-        state = TenantState(
-            tenant, record, plan, slot, policy.enforcement(slot), live,
-            next(self._versions), expires, policy,
-        )  # fmt: skip
-        states = view.states
-        if len(states) >= _STATE_CACHE_SIZE:
-            del states[next(iter(states))]
-        states[tenant] = state
-        return state
+
+    async def tenant_changed(self, tenant: str) -> None:
+        """A write through this guard changed ``tenant``: apply it (and whatever else
+        the feed holds) before the write returns, so this replica never lags itself."""
+        await self._directory.refresh(self._clock())
+
+    async def _follow(self, now: float) -> None:
+        """Read the directory the first time it is needed; after that, start a poll in
+        the background whenever one is due. Only that first read is ever awaited."""
+        directory = self._directory
+        if not self._first_load_tried:
+            if not isinstance(self.ledger, MemoryLedger):
+                # raises outside an event loop before anything is done, which tells the
+                # synchronous facade to run the call on its loop instead (see sync.py)
+                asyncio.get_running_loop()
+            self._first_load_tried = True
+            directory.next_poll = now + directory.interval
+            await directory.refresh(now)
+        elif directory.due(now):
+            self._spawn_poll(now)
+
+    def _spawn_poll(self, now: float) -> None:
+        refresh = self._directory.refresh(now)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            if self.background is None:
+                refresh.close()
+                self._directory.polling = False
+                return
+            self.background(refresh)
+            return
+        task = loop.create_task(refresh)
+        self._polls.add(task)  # a task nobody holds may be collected mid-poll
+        task.add_done_callback(self._polls.discard)
 
     async def check(
         self,
@@ -369,19 +427,23 @@ class Guard:
         """Count one request and say whether it may proceed."""
         if cost.__class__ is not int or cost < 1:
             raise ValueError(f"cost must be a whole number >= 1, got {cost!r}")
-        if tenant.__class__ is not str or not tenant:
-            raise ValueError("tenant must be a non-empty string")
+        if tenant.__class__ is not str or not tenant or len(tenant) > MAX_TENANT_ID:
+            check_tenant_id(tenant)  # raises, saying which
         now = self._clock()
         view = self._view  # one policy for the whole check, whatever a reload does meanwhile
-        state = view.states.get(tenant)
-        if state is None or state.expires <= now:
-            state = await self._load_state(tenant, now, view)
-        plan, slot = state.plan, state.slot
-        if state.overrides:
-            key: tuple[Any, ...] = (method, path, slot, tenant, state.version)
+        directory = self._directory
+        if now >= directory.next_poll:
+            await self._follow(now)
+        if directory.down:
+            directory.stale_checks += 1
+        entry = directory.entries.get(tenant)
+        route_id = view.route_id(method, path)
+        if entry is None:  # no record, no override: the default plan
+            plan, slot = view.default_plan, view.default_slot
+            key: object = route_id * view.plan_count + slot
         else:
-            key = (method, path, slot)
-        route = view.plans.get(key) or self._route(key, state, now, view)
+            plan, slot, key = self._keyed(tenant, entry, route_id, now, view)
+        route = view.routes.get(key) or self._route(key, route_id, plan, slot, entry, now, view)
         lease = None
         outcomes: list[Outcome]
         keys: list[str]
@@ -423,7 +485,16 @@ class Guard:
                 continue
 
     async def close(self) -> None:
-        """Write pending events, then close the counter store and the ledger."""
+        """Stop polling, write pending events, then close the counter store and the
+        ledger."""
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+        for task in list(self._polls):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
         await self.events.close()
         await self._store.close()
         await self.ledger.close()
@@ -434,19 +505,43 @@ class Guard:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    def _keyed(
+        self,
+        tenant: str,
+        entry: str | Overridden,
+        route_id: int,
+        now: float,
+        view: _PolicyView,
+    ) -> tuple[str, int, object]:
+        """The plan of a tenant the directory holds, and its route plans' cache key."""
+        if isinstance(entry, Overridden):
+            entry = self._directory.entry(tenant, now) or view.default_plan  # up to now
+        plan, slot = self._plan_of(entry, view)
+        if isinstance(entry, Overridden):
+            return plan, slot, (route_id, slot, tenant, entry.version)
+        return plan, slot, route_id * view.plan_count + slot
+
     def _route(
-        self, key: tuple[Any, ...], state: TenantState, now: float, view: _PolicyView
+        self,
+        key: object,
+        route_id: int,
+        plan: str,
+        slot: int,
+        entry: str | Overridden | None,
+        now: float,
+        view: _PolicyView,
     ) -> RoutePlan:
-        matched = view.policy.routes.match(key[0], key[1])
+        policy = view.policy
         local = self._local
+        overrides = entry.live if isinstance(entry, Overridden) else _NO_OVERRIDES
         route = plan_route(
-            matched, state.plan, key[2], state.enforcement, state.overrides, now,
-            bind=local.bind if local is not None else None,
+            policy.routes.matched[route_id], plan, slot, policy.enforcement(slot), overrides,
+            now, bind=local.bind if local is not None else None,
         )  # fmt: skip
-        plans = view.plans
-        if len(plans) >= _PLAN_CACHE_SIZE:
-            del plans[next(iter(plans))]
-        plans[key] = route
+        routes = view.routes
+        if len(routes) >= _PLAN_CACHE_SIZE:
+            del routes[next(iter(routes))]
+        routes[key] = route
         return route
 
     def _degraded(

@@ -87,7 +87,7 @@ class Overrides:
             tenant, name, value, multiplier, reason.strip(), expires_at, actor, now
         )
         await guard.ledger.put_override(record)
-        guard.forget(tenant)
+        await guard.tenant_changed(tenant)
         guard.events.emit(
             EventRecord(
                 tenant, "override_set", name, now,
@@ -101,7 +101,7 @@ class Overrides:
         guard = self._guard
         removed = await guard.ledger.delete_override(tenant, name)
         if removed:
-            guard.forget(tenant)
+            await guard.tenant_changed(tenant)
             guard.events.emit(
                 EventRecord(tenant, "override_removed", name, guard.now(), {"by": actor})
             )

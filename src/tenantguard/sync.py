@@ -67,6 +67,8 @@ class SyncGuard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._flush: Future[None] | None = None
+        # polls of the tenant directory that a check in the caller's thread finds due
+        guard.background = self._in_background
         counters_local = guard.counters_in_process  # see the docstring
         self.check = self.wrap(guard.check, inline=counters_local)
         self.release = self.wrap(guard.release, inline=counters_local)
@@ -86,6 +88,9 @@ class SyncGuard:
         call.__doc__ = method.__doc__
         call.__name__ = getattr(method, "__name__", "call")
         return call
+
+    def _in_background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())
 
     def close(self) -> None:
         """Close the guard (pending events are written, stores closed), end the loop."""

@@ -21,11 +21,15 @@ class UnknownPlanError(ValueError):
     """A tenant was given a plan the policy does not define."""
 
 
+MAX_TENANT_ID = 1024
+"""Characters in a tenant id: a directory entry, a counter key and a ledger key each."""
+
+
 def check_tenant_id(tenant: object) -> str:
     if not isinstance(tenant, str) or not tenant:
         raise ValueError("tenant id must be a non-empty string")
-    if len(tenant) > 1024:
-        raise ValueError("tenant id must be at most 1024 characters")
+    if len(tenant) > MAX_TENANT_ID:
+        raise ValueError(f"tenant id must be at most {MAX_TENANT_ID} characters")
     return tenant
 
 
@@ -46,7 +50,7 @@ class Tenants:
             )
         now = guard.now()
         record, before = await guard.ledger.upsert_tenant(tenant, plan, metadata, now)
-        guard.forget(tenant)
+        await guard.tenant_changed(tenant)
         if before is None or before.plan != plan:
             guard.events.emit(
                 EventRecord(
@@ -63,7 +67,7 @@ class Tenants:
         """Forget the tenant's record (it falls back to the default plan); its counts,
         overrides and history are kept."""
         removed = await self._guard.ledger.delete_tenant(tenant)
-        self._guard.forget(tenant)
+        await self._guard.tenant_changed(tenant)
         return removed
 
     async def list(self, *, prefix: str = "", limit: int = 1000) -> list[TenantRecord]:

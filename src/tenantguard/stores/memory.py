@@ -95,6 +95,8 @@ class MemoryCounters:
         """``apply`` without the coroutine; ``tables`` from ``bind`` skips a lookup."""
         if tables is None:
             tables = self.bind(specs)
+        if len(specs) == 1:  # most routes: nothing to undo, no lists to keep
+            return [self._apply_one(specs[0], tables[0], keys[0], cost, lease, now)]
         outcomes: list[Outcome] = []
         previous: list[Any] = []
         with self._lock:
@@ -121,6 +123,25 @@ class MemoryCounters:
             if table.draining or len(table.live) >= 2 * table.floor:
                 table.tidy(now)
         return outcomes
+
+    def _apply_one(
+        self, spec: CounterSpec, table: _Table, key: str, cost: int, lease: str | None, now: float
+    ) -> Outcome:
+        with self._lock:
+            live = table.live
+            state = live.get(key)
+            if state is None and table.draining:
+                state = table.get(key)
+            step = table.step
+            if step is None:
+                outcome = concurrency.acquire(state, now, spec[3], spec[2], cost, lease or "")
+            else:
+                outcome = step(state, now, spec[3], spec[2], spec[4], cost)
+            if outcome[0]:
+                live[key] = outcome[1]
+            if table.draining or len(live) >= 2 * table.floor:
+                table.tidy(now)
+        return outcome
 
     @staticmethod
     def _undo(
