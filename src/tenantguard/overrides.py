@@ -99,7 +99,7 @@ class Overrides:
 
     async def remove(self, tenant: str, name: str, *, actor: str = "admin") -> bool:
         guard = self._guard
-        removed = await guard.ledger.delete_override(tenant, name)
+        removed = await guard.ledger.delete_override(tenant, name, now=guard.now())
         if removed:
             await guard.tenant_changed(tenant)
             guard.events.emit(

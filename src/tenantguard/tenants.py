@@ -66,7 +66,7 @@ class Tenants:
     async def delete(self, tenant: str) -> bool:
         """Forget the tenant's record (it falls back to the default plan); its counts,
         overrides and history are kept."""
-        removed = await self._guard.ledger.delete_tenant(tenant)
+        removed = await self._guard.ledger.delete_tenant(tenant, now=self._guard.now())
         await self._guard.tenant_changed(tenant)
         return removed
 
