@@ -139,6 +139,10 @@ class _PolicyView:
     names: tuple[str, ...]
     allowed: list[int]
     plan_index: Mapping[str, int]
+    plan_of: Mapping[str | None, tuple[str, int]]
+    """A plan's name (or ``None``) → its name and index; a name the policy lacks → the
+    default plan, which ``default`` holds."""
+    default: tuple[str, int]
     plan_count: int
     route_id: Callable[[str, str], int]
     routes: dict[object, RoutePlan] = field(default_factory=dict)
@@ -150,10 +154,14 @@ class _PolicyView:
     def of(cls, policy: Policy) -> _PolicyView:
         default = policy.default_plan
         names = tuple(rule.name for rule in policy.rules)  # rule.slot indexes these
+        plan_of: dict[str | None, tuple[str, int]] = {
+            name: (name, index) for name, index in policy.plan_index.items()
+        }
+        plan_of[None] = plan_of[default]
         return cls(
             policy, policy.document.headers, default, policy.plan_index[default],
-            names, [0] * len(names), policy.plan_index, len(policy.plan_index),
-            policy.routes.route_id,
+            names, [0] * len(names), policy.plan_index, plan_of, plan_of[default],
+            len(policy.plan_index), policy.routes.route_id,
         )  # fmt: skip
 
 
@@ -287,10 +295,7 @@ class Guard:
     @staticmethod
     def _plan_of(entry: str | Overridden | None, view: _PolicyView) -> tuple[str, int]:
         name = entry.plan if isinstance(entry, Overridden) else entry
-        slot = None if name is None else view.plan_index.get(name)
-        if slot is None or name is None:
-            return view.default_plan, view.default_slot
-        return name, slot
+        return view.plan_of.get(name, view.default)
 
     async def limits(self, tenant: str) -> dict[str, Any]:
         """Every effective rate limit, quota and entitlement of ``tenant``, with current
@@ -438,11 +443,11 @@ class Guard:
             directory.stale_checks += 1
         entry = directory.entries.get(tenant)
         route_id = view.route_id(method, path)
-        if entry is None:  # no record, no override: the default plan
-            plan, slot = view.default_plan, view.default_slot
+        if entry is None or entry.__class__ is str:  # a plan's name, or none: the default
+            plan, slot = view.plan_of.get(entry, view.default)
             key: object = route_id * view.plan_count + slot
         else:
-            plan, slot, key = self._keyed(tenant, entry, route_id, now, view)
+            plan, slot, key = self._overridden(tenant, entry, route_id, now, view)  # type: ignore[arg-type]
         route = view.routes.get(key) or self._route(key, route_id, plan, slot, entry, now, view)
         lease = None
         outcomes: list[Outcome]
@@ -505,21 +510,20 @@ class Guard:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def _keyed(
-        self,
-        tenant: str,
-        entry: str | Overridden,
-        route_id: int,
-        now: float,
-        view: _PolicyView,
+    def _overridden(
+        self, tenant: str, entry: Overridden, route_id: int, now: float, view: _PolicyView
     ) -> tuple[str, int, object]:
-        """The plan of a tenant the directory holds, and its route plans' cache key."""
-        if isinstance(entry, Overridden):
-            entry = self._directory.entry(tenant, now) or view.default_plan  # up to now
-        plan, slot = self._plan_of(entry, view)
-        if isinstance(entry, Overridden):
-            return plan, slot, (route_id, slot, tenant, entry.version)
-        return plan, slot, route_id * view.plan_count + slot
+        """The plan of a tenant with overrides, and its route plans' cache key: versions
+        are unique, so the key needs no tenant id, and tenants that share nothing never
+        share a plan."""
+        if entry.until <= now:  # one of them expired: work out the rest again
+            found = self._directory.entry(tenant, now)
+            if not isinstance(found, Overridden):
+                plan, slot = view.plan_of.get(found, view.default)
+                return plan, slot, route_id * view.plan_count + slot
+            entry = found
+        plan, slot = view.plan_of.get(entry.plan, view.default)
+        return plan, slot, (route_id, slot, entry.version)
 
     def _route(
         self,
