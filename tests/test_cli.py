@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -351,7 +352,8 @@ class FakeRun:
 def fake_run(monkeypatch: pytest.MonkeyPatch) -> FakeRun:
     fake = FakeRun()
     monkeypatch.setattr(uvicorn, "run", fake)
-    for name in ("POLICY", "HOST", "PORT", "COUNTERS", "LEDGER", "ADMIN_TOKEN", "SERVICE_TOKEN"):
+    names = ("POLICY", "HOST", "PORT", "COUNTERS", "LEDGER", "ADMIN_TOKEN", "SERVICE_TOKEN")
+    for name in (*names, "WORKERS"):
         monkeypatch.delenv(f"TENANTGUARD_{name}", raising=False)
     # no ledger file left in the working directory by tests that don't name one
     monkeypatch.setenv("TENANTGUARD_LEDGER", "memory")
@@ -462,4 +464,59 @@ def test_serve_refuses_an_invalid_policy(
     result = runner.invoke(app, ["serve", "--policy", str(path)])
     assert result.exit_code == 1
     assert f"{path}:8:" in result.stderr
+    assert fake_run.app is None
+
+
+# serve --workers ------------------------------------------------------------------
+
+
+def test_serve_refuses_several_workers_counting_in_memory(
+    runner: CliRunner, policy_file: Path, fake_run: FakeRun
+) -> None:
+    result = runner.invoke(app, ["serve", "--policy", str(policy_file), "--workers", "2"])
+    assert result.exit_code == 2
+    assert "--workers 2: with counters in memory each process would count alone" in result.stderr
+    assert "--counters redis://" in result.stderr
+    assert "generated token" not in result.stdout
+    assert fake_run.app is None
+
+
+@pytest.mark.parametrize("ledger", ["memory", "sqlite://", "sqlite:///:memory:"])
+def test_serve_refuses_several_workers_on_a_ledger_in_one_process(
+    runner: CliRunner, policy_file: Path, fake_run: FakeRun, ledger: str
+) -> None:
+    env = {
+        "TENANTGUARD_WORKERS": "3",
+        "TENANTGUARD_COUNTERS": "redis://127.0.0.1:1/0",  # checked, never reached
+        "TENANTGUARD_LEDGER": ledger,
+    }
+    result = runner.invoke(app, ["serve", "--policy", str(policy_file)], env=env)
+    assert result.exit_code == 2
+    assert f"--workers 3: the ledger {ledger} lives in one process" in result.stderr
+    assert fake_run.app is None
+
+
+def test_serve_needs_at_least_one_worker(
+    runner: CliRunner, policy_file: Path, fake_run: FakeRun
+) -> None:
+    result = runner.invoke(app, ["serve", "--policy", str(policy_file), "--workers", "0"])
+    assert result.exit_code == 2
+    assert "--workers" in result.stderr
+    assert fake_run.app is None
+
+
+def test_serve_says_when_its_port_is_taken(
+    runner: CliRunner, policy_file: Path, tmp_path: Path, fake_run: FakeRun
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = [
+            "serve", "--policy", str(policy_file), "--workers", "2", "--port", str(port),
+            "--counters", "redis://127.0.0.1:1/0", "--ledger", f"sqlite:///{tmp_path / 'l.db'}",
+        ]  # fmt: skip
+        result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
     assert fake_run.app is None

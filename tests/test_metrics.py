@@ -7,16 +7,30 @@ be alive, so each test compares before and after, on rule names no other test us
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import json
+import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from tenantguard import Guard, StoreError, parse_policy
-from tenantguard._metrics import LATENCY_BOUNDS, SAMPLE_EVERY, LatencySample
+from tenantguard._metrics import (
+    LATENCY_BOUNDS,
+    SAMPLE_EVERY,
+    Figures,
+    LatencySample,
+    WorkerMetrics,
+    worker_exited,
+)
 from tenantguard.algorithms import Outcome
+from tenantguard.guard import TenantStatus
 from tenantguard.stores import CounterSpec
 
 MINUTE = 1_700_000_040.0
@@ -204,3 +218,90 @@ def test_latency_buckets_are_upper_bounds() -> None:
     assert sample.counts[1] == 1
     assert sample.counts[-1] == 1  # above every bound: only in +Inf
     assert sample.total == LATENCY_BOUNDS[0] * 2.01 + 5.0
+
+
+# the tenant state -----------------------------------------------------------------
+
+
+def sample(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+async def test_stale_checks_and_staleness_come_from_the_tenant_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    guard = make()
+    before = sample("tenantguard_stale_checks_total")
+    monkeypatch.setattr(guard, "tenant_status", lambda: TenantStatus("down", 3e6, 4, 7))
+    assert sample("tenantguard_stale_checks_total") == before + 7
+    assert sample("tenantguard_tenant_state_stale_seconds") == 3e6  # the largest
+    text = generate_latest(REGISTRY).decode()
+    assert "# TYPE tenantguard_stale_checks_total counter" in text
+    assert "# TYPE tenantguard_tenant_state_stale_seconds gauge" in text
+    # a state never read has no age: it counts 0 here (/readyz reports it)
+    never = SimpleNamespace(ledger="loading", stale_seconds=None, tenants=0, stale_checks=0)
+    monkeypatch.setattr(guard, "tenant_status", lambda: never)
+    assert sample("tenantguard_tenant_state_stale_seconds") < 3e6
+    await guard.close()
+
+
+# several workers ------------------------------------------------------------------
+
+
+def published(directory: Path, pid: int, figures: Figures, *, dead: bool = False) -> None:
+    """What another worker would have written."""
+    name = f"guards_{pid}.dead.json" if dead else f"guards_{pid}.json"
+    (directory / name).write_text(json.dumps(figures.to_json()), encoding="utf-8")
+
+
+def value(text: str, sample_line: str) -> float:
+    match = re.search(rf"^{re.escape(sample_line)} (\S+)$", text, re.MULTILINE)
+    assert match is not None, sample_line
+    return float(match[1])
+
+
+W_ALLOWED = 'tenantguard_decisions_total{outcome="allowed",rule="w-only"}'
+
+
+async def test_a_workers_metrics_sum_every_worker_and_keep_the_dead(tmp_path: Path) -> None:
+    guard = Guard(parse_policy(POLICY.replace("m-reports", "w-only")), clock=lambda: MINUTE)
+    await guard.check("acme", "GET", "/reports/1")
+    other = Figures(decisions={("w-only", "allowed"): 10}, stale_checks=2, stale_seconds=5e6)
+    other.reload_ok = 0
+    published(tmp_path, 4_000_001, other)
+    gone = Figures(decisions={("w-only", "allowed"): 100}, stale_seconds=9e9)
+    gone.buckets[0] = 3
+    published(tmp_path, 4_000_002, gone, dead=True)
+    (tmp_path / "guards_x.json").write_text("not mine", encoding="utf-8")  # ignored
+    metrics = WorkerMetrics(tmp_path)
+
+    text = metrics.exposition().decode()
+    assert value(text, W_ALLOWED) == 1 + 10 + 100
+    assert value(text, "tenantguard_tenant_state_stale_seconds") == 5e6  # not the dead one's
+    assert value(text, "tenantguard_policy_reload_ok") == 0
+    assert value(text, 'tenantguard_check_seconds_bucket{le="5e-06"}') >= 3
+    assert (tmp_path / f"guards_{os.getpid()}.json").is_file()  # this worker published too
+
+    worker_exited(tmp_path, 4_000_001)
+    text = metrics.exposition().decode()
+    assert value(text, W_ALLOWED) == 111  # its counts stay
+    assert value(text, "tenantguard_tenant_state_stale_seconds") < 5e6  # its gauges go
+    assert value(text, "tenantguard_policy_reload_ok") == 1
+    worker_exited(tmp_path, 4_000_003)  # one that never published: nothing to keep
+    await guard.close()
+
+
+async def test_a_worker_publishes_until_stopped_and_once_more(tmp_path: Path) -> None:
+    guard = Guard(parse_policy(POLICY.replace("m-reports", "w-final")), clock=lambda: MINUTE)
+    metrics = WorkerMetrics(tmp_path)
+    mine = tmp_path / f"guards_{os.getpid()}.json"
+    publishing = asyncio.get_running_loop().create_task(metrics.run(interval=3600))
+    await asyncio.sleep(0)  # the first publication
+    assert mine.is_file()
+    await guard.check("acme", "GET", "/reports/1")
+    publishing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await publishing
+    figures = Figures.from_json(json.loads(mine.read_text(encoding="utf-8")))
+    assert figures.decisions[("w-final", "allowed")] == 1
+    await guard.close()

@@ -11,6 +11,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
 
@@ -111,9 +112,10 @@ def make_guard(clock: Clock, ledger: str = "memory", counters: str = "memory") -
     return Guard(policy, clock=clock, ledger=ledger, counters=counters)
 
 
-def open_client(guard: Guard, **tokens: str) -> httpx.AsyncClient:
-    tokens = {"service_token": SERVICE_TOKEN, "admin_token": ADMIN_TOKEN, **tokens}
-    app = create_app(guard, **tokens)
+def open_client(
+    guard: Guard, service_token: str = SERVICE_TOKEN, admin_token: str = ADMIN_TOKEN
+) -> httpx.AsyncClient:
+    app = create_app(guard, service_token=service_token, admin_token=admin_token)
     transport = httpx.ASGITransport(app=app)
     return httpx.AsyncClient(transport=transport, base_url="http://tenantguard")
 
@@ -952,9 +954,12 @@ async def test_readyz_names_the_policy(client: httpx.AsyncClient) -> None:
     assert response.json() == {"status": "ready", "policy": "policy.yaml", "reload_error": None}
 
 
-async def test_readyz_is_503_when_the_ledger_is_down(
-    client: httpx.AsyncClient, guard: Guard
+async def test_readyz_is_503_when_the_ledger_is_down_before_any_tenant_state_loaded(
+    client: httpx.AsyncClient, guard: Guard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # once the state is loaded, a ledger outage leaves it ready: test_server_readiness.py
+    loading = SimpleNamespace(ledger="loading", stale_seconds=None, tenants=0, stale_checks=0)
+    monkeypatch.setattr(guard, "tenant_status", lambda: loading)
     await guard.ledger.close()
     problem = assert_problem(await client.get("/readyz"), 503, "not_ready")
     assert problem["checks"] == {"ledger": "down"}

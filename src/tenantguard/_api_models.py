@@ -37,6 +37,7 @@ __all__ = [
     "TenantDetail",
     "TenantList",
     "TenantOut",
+    "TenantStateOut",
     "UsageBody",
     "UsageOut",
     "check_text",
@@ -134,7 +135,8 @@ class Problem(_Out):
         "invalid_request, body_too_large, not_found, method_not_allowed, tenant_not_found, "
         "quota_not_found, limit_not_found, request_not_found, override_not_found, "
         "lease_not_found, quota_exceeded, usage_exceeded, override_refused, "
-        "request_already_decided, unknown_plan, store_unavailable, not_ready, internal_error."
+        "request_already_decided, unknown_plan, store_unavailable, ledger_unavailable, "
+        "not_ready, internal_error."
     )
     errors: list[FieldError] | None = Field(
         default=None, description="For `invalid_request`: every offending field."
@@ -378,13 +380,32 @@ class Health(_Out):
     status: str
 
 
+class TenantStateOut(_Out):
+    """How current the tenant state held in memory is (``Guard.tenant_status``)."""
+
+    ledger: str = Field(
+        description="`ok`: following the ledger; `down`: the ledger cannot be reached, checks "
+        "run on the last known state; `loading`: no state read yet."
+    )
+    stale_seconds: float | None = Field(
+        description="Seconds since the state was last confirmed current by the ledger; "
+        "null until it was read once."
+    )
+    tenants: int = Field(description="Tenants held in memory.")
+
+
 class Readiness(_Out):
-    """Every store answered and a policy is in force; ``policy`` names its file. A failed
+    """Checks can be served and a policy is in force; ``policy`` names its file. A failed
     reload of that file is reported in ``reload_error`` but keeps the service ready: it
     goes on serving the last good policy, and one bad edit must not take every replica
-    out of rotation. When not ready the answer is a 503 problem whose ``checks`` say
-    what is down."""
+    out of rotation. So does a ledger outage once the tenant state is loaded: checks run
+    on it. When not ready the answer is a 503 problem whose ``checks`` say what is down.
+    ``checks`` and ``tenant_state`` are shown to the admin token only."""
 
     status: Literal["ready"]
     policy: str
     reload_error: str | None = None
+    checks: dict[str, Literal["ok", "down"]] | None = Field(
+        default=None, description="Each store's answer to a ping: `ledger`, `counters`."
+    )
+    tenant_state: TenantStateOut | None = None

@@ -17,15 +17,22 @@ __all__ = ["DocumentedApp"]
 
 class DocumentedApp(FastAPI):
     """FastAPI, with an OpenAPI document that says what the routes really answer:
-    errors as problem+json, and which bearer token each route takes."""
+    errors as problem+json, and which bearer token each route takes.
+
+    ``documented`` are FastAPI routes that only describe a route served by something
+    leaner (``POST /v1/check``): they come first in the document, in their order, and are
+    never routed to."""
+
+    documented: tuple[APIRoute, ...] = ()
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
+            routes = [*self.documented, *self.routes]
             schema = get_openapi(
                 title=self.title, version=self.version, description=self.description,
-                routes=self.routes,
+                routes=routes,
             )  # fmt: skip
-            _document(schema, self.routes)
+            _document(schema, routes)
             self.openapi_schema = schema
         return self.openapi_schema
 

@@ -9,6 +9,8 @@ and answered 500 without details.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -17,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tenantguard.errors import StoreError, UnknownLeaseError
+from tenantguard.errors import LedgerUnavailable, StoreError, UnknownLeaseError
 from tenantguard.increases import RequestConflict, UnknownRequestError
 from tenantguard.overrides import OverrideRefused, UnknownLimitError
 from tenantguard.quotas import QuotaExceeded, UnknownQuotaError
@@ -30,7 +32,9 @@ __all__ = [
     "http_problem",
     "internal_problem",
     "invalid",
+    "invalid_fields",
     "log",
+    "retry_seconds",
     "translate",
     "validation_problem",
 ]
@@ -56,10 +60,14 @@ _TITLES = {
     "request_already_decided": "Increase request already decided",
     "unknown_plan": "Unknown plan",
     "store_unavailable": "Storage unavailable",
+    "ledger_unavailable": "Ledger unavailable",
     "not_ready": "Not ready",
     "internal_error": "Internal error",
 }
 INTERNAL = "the server could not answer this request"
+_MAX_RETRY_AFTER = 3600
+"""A longer wait than this from the engine is a bug's or a misconfiguration's: clients
+are told to come back within the hour rather than never."""
 _HTTP_CODES = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed"}
 
 
@@ -130,12 +138,30 @@ def translate(error: Exception) -> ProblemError | None:
     for kind, status, code in table:
         if isinstance(error, kind):
             return ProblemError(status, code, str(error))
+    if isinstance(error, LedgerUnavailable):
+        wait = retry_seconds(error.retry_after)
+        return ProblemError(
+            503, "ledger_unavailable",
+            f"the ledger cannot be reached; try again in {wait} s",
+            headers={"Retry-After": str(wait)}, retry_after=wait,
+        )  # fmt: skip
     if isinstance(error, StoreError):
         return ProblemError(
             503, "store_unavailable", "the ledger could not answer; try again",
             headers={"Retry-After": "1"},
         )  # fmt: skip
     return None
+
+
+def retry_seconds(seconds: object) -> int:
+    """``Retry-After`` in whole seconds, at least 1: HTTP has no fractions, and 0 would
+    invite a retry storm against a ledger that is already down. Anything that is not a
+    finite number (the attribute is the engine's to set) counts as 1."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return 1
+    if not math.isfinite(seconds):
+        return 1 if seconds != math.inf else _MAX_RETRY_AFTER
+    return max(1, min(math.ceil(seconds), _MAX_RETRY_AFTER))
 
 
 def _field(loc: tuple[int | str, ...]) -> str:
@@ -154,12 +180,18 @@ async def validation_problem(request: Request, error: Exception) -> Response:
         if problem.get("type") == "missing" and tuple(problem.get("loc", ())) == ("body",):
             detail = "the body is empty: send a JSON object"
             return ProblemError(400, "malformed_json", detail).response()
+    return invalid_fields(problems).response()
+
+
+def invalid_fields(problems: Iterable[Mapping[str, Any]]) -> ProblemError:
+    """The 422 for pydantic's errors, located as FastAPI locates them (``("body",
+    "tenant")``, ``("query", "limit")``): every offending field, named."""
     errors = [
         {"field": _field(tuple(problem.get("loc", ()))), "message": str(problem.get("msg"))}
         for problem in problems
     ]
     detail = "; ".join(f"{item['field']}: {item['message']}" for item in errors)
-    return ProblemError(422, "invalid_request", detail, errors=errors).response()
+    return ProblemError(422, "invalid_request", detail, errors=errors)
 
 
 async def http_problem(request: Request, error: Exception) -> Response:

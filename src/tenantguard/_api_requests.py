@@ -13,7 +13,7 @@ import hmac
 import json
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from urllib.parse import quote_from_bytes, unquote, unquote_to_bytes
 
 from fastapi import Depends, Path
@@ -21,13 +21,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import AfterValidator, Field
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenantguard._api_models import MAX_ID_LENGTH, check_text
 from tenantguard._api_problems import INTERNAL, ProblemError, invalid, log, translate
 from tenantguard.guard import Guard
+
+if TYPE_CHECKING:
+    from tenantguard._metrics import WorkerMetrics
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -46,6 +49,9 @@ __all__ = [
     "TenantId",
     "Tokens",
     "digest",
+    "json_object",
+    "receive_body",
+    "service_state",
 ]
 
 MAX_BODY_BYTES = 64 * 1024
@@ -68,7 +74,12 @@ class Tokens:
     admin: bytes
 
     def authorise(self, request: Request, role: Role) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        self.authorise_header(request.headers.get("authorization", ""), role)
+
+    def authorise_header(self, authorization: str, role: Role) -> None:
+        """The check itself, on the header's value: the lean ``/v1/check`` has no
+        ``Request`` to hand."""
+        scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise ProblemError(401, "unauthorized", "send 'Authorization: Bearer <token>'")
@@ -82,11 +93,22 @@ class Tokens:
             raise ProblemError(403, "forbidden", "this route needs the admin token")
         raise ProblemError(401, "unauthorized", "the bearer token is not valid for this route")
 
+    def admits(self, authorization: str, role: Role) -> bool:
+        """Whether the header's token may act as ``role``, for an open route that shows
+        more to a token holder (``/readyz``) and refuses no one."""
+        try:
+            self.authorise_header(authorization, role)
+        except ProblemError:
+            return False
+        return True
+
 
 @dataclass(frozen=True, slots=True)
 class ServiceState:
     guard: Guard
     tokens: Tokens
+    metrics: WorkerMetrics | None = None
+    """Set when this process is one of several workers: ``/metrics`` then sums them all."""
 
 
 def service_state(request: Request) -> ServiceState:
@@ -182,21 +204,56 @@ QueryText = Annotated[str, Field(max_length=MAX_ID_LENGTH), AfterValidator(check
 # bodies -----------------------------------------------------------------------------
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, refused as soon as it exceeds the bound rather than after buffering it."""
-    too_large = ProblemError(
+def _too_large() -> ProblemError:
+    return ProblemError(
         413, "body_too_large", f"request bodies are limited to {MAX_BODY_BYTES} bytes"
     )
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused as soon as it exceeds the bound rather than after buffering it."""
     declared = request.headers.get("content-length", "")
     if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_large
+        raise _too_large()
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise too_large
+            raise _too_large()
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def receive_body(receive: Receive, declared: bytes) -> bytes:
+    """``_read_body`` on the bare ASGI messages, for the lean ``/v1/check``: the same
+    bound, checked on ``Content-Length`` (``declared``, b"" if none) and again on every
+    chunk. A client that hangs up is ``ClientDisconnect``, as from ``Request.stream``."""
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    message = await receive()
+    if message["type"] != "http.request":
+        raise ClientDisconnect
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):  # the usual case: one message holds it all
+        if len(body) > MAX_BODY_BYTES:
+            raise _too_large()
+        return body
+    chunks = [body]
+    size = len(body)
+    while True:
+        if size > MAX_BODY_BYTES:
+            raise _too_large()
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if not message.get("more_body", False):
+            break
+    if size > MAX_BODY_BYTES:
+        raise _too_large()
     return b"".join(chunks)
 
 
@@ -204,19 +261,25 @@ def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def json_object(body: bytes) -> dict[str, Any]:
+    """A non-empty body as the JSON object it must be, or the problem saying why not."""
+    try:
+        data = json.loads(body, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as error:
+        # ValueError covers JSONDecodeError, bad UTF-8 and integers too long to convert
+        detail = f"the body is not valid JSON: {error}"
+        raise ProblemError(400, "malformed_json", detail) from None
+    if not isinstance(data, dict):
+        raise invalid("body", "must be a JSON object")
+    return data
+
+
 async def _json_request(request: Request) -> Request:
     """Read and check the body, then hand FastAPI a request that replays it as JSON
     (whatever ``Content-Type`` said: the API speaks nothing else)."""
     body = await _read_body(request)
     if body:
-        try:
-            data = json.loads(body, parse_constant=_no_constants)
-        except (ValueError, RecursionError) as error:
-            # ValueError covers JSONDecodeError, bad UTF-8 and integers too long to convert
-            detail = f"the body is not valid JSON: {error}"
-            raise ProblemError(400, "malformed_json", detail) from None
-        if not isinstance(data, dict):
-            raise invalid("body", "must be a JSON object")
+        json_object(body)
     headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
     headers.append((b"content-type", b"application/json"))
     upstream = request.receive

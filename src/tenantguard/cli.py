@@ -7,11 +7,14 @@ status, never a traceback, because the reader is someone editing a YAML file.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import signal
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import typer
@@ -25,7 +28,10 @@ from tenantguard._paths import normalise_path
 from tenantguard._routing import Candidate, precedence_reason
 from tenantguard._rules import CompiledRule
 from tenantguard.errors import PolicyError
-from tenantguard.policy import Policy, load_policy
+from tenantguard.policy import Policy, load_policy, parse_policy
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
 
 __all__ = ["app", "main"]
 
@@ -60,8 +66,18 @@ def _fail(message: str, code: int) -> NoReturn:
 
 def _load(file: Path) -> Policy:
     """The policy, or every issue on stderr and exit 1."""
+    return _load_text(file)[0]
+
+
+def _load_text(file: Path) -> tuple[Policy, str]:
+    """The policy and the text it was compiled from, or every issue on stderr and exit 1."""
     try:
-        return load_policy(file)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            load_policy(file)  # a PolicyError worded as for every other reader of policies
+            raise
+        return parse_policy(text, source=str(file)), text
     except PolicyError as error:
         console = _err()
         for issue in error.issues:
@@ -246,6 +262,38 @@ def explain(
                 )
 
 
+@dataclass(frozen=True, slots=True)
+class _Service:
+    """What a worker of ``serve --workers`` needs to build its app: all of it read and
+    checked here, once, and pickled to the worker (tokens included: no environment)."""
+
+    policy: Path
+    policy_text: str
+    counters: str
+    ledger: str
+    service_token: str
+    admin_token: str
+
+
+def _worker_app(service: _Service, metrics: Path) -> ASGIApp:
+    """One worker's app: its own guard, stores and reloader (runs in the worker)."""
+    from tenantguard._metrics import WorkerMetrics  # noqa: PLC0415 - as in serve
+    from tenantguard.guard import Guard  # noqa: PLC0415
+    from tenantguard.policy import parse_policy  # noqa: PLC0415
+    from tenantguard.reload import PolicyReloader  # noqa: PLC0415
+    from tenantguard.server import create_app  # noqa: PLC0415
+
+    policy = parse_policy(service.policy_text, source=str(service.policy))
+    guard = Guard(policy, counters=service.counters, ledger=service.ledger)
+    server = create_app(
+        guard,
+        service_token=service.service_token,
+        admin_token=service.admin_token,
+        metrics=WorkerMetrics(metrics),
+    )
+    return PolicyReloader(guard, service.policy).around(server)
+
+
 @app.command()
 def serve(
     policy: Annotated[
@@ -265,6 +313,15 @@ def serve(
     ledger: Annotated[
         str, typer.Option(envvar="TENANTGUARD_LEDGER", help="Ledger URL.")
     ] = "sqlite:///tenantguard.db",
+    workers: Annotated[
+        int,
+        typer.Option(
+            envvar="TENANTGUARD_WORKERS",
+            min=1,
+            help="Processes serving the port (SO_REUSEPORT); more than one needs shared "
+            "counters (Redis) and a shared ledger (a SQLite file, PostgreSQL).",
+        ),
+    ] = 1,
 ) -> None:
     """Run the HTTP decision service."""
     import uvicorn  # noqa: PLC0415 - only serve needs it; check and explain start faster
@@ -274,7 +331,7 @@ def serve(
     from tenantguard.ledger import open_ledger  # noqa: PLC0415
     from tenantguard.reload import PolicyReloader  # noqa: PLC0415
     from tenantguard.server import create_app  # noqa: PLC0415
-    from tenantguard.stores import open_counters  # noqa: PLC0415
+    from tenantguard.stores import MemoryCounters, open_counters  # noqa: PLC0415
 
     if policy is None:
         policy = DEFAULT_POLICY
@@ -284,28 +341,43 @@ def serve(
                 "pass --policy FILE or set TENANTGUARD_POLICY",
                 2,
             )
-    loaded = _load(policy)
+    loaded, text = _load_text(policy)
     try:
         store = open_counters(counters)
     except ValueError as error:
         _fail(f"--counters {_redact(counters)}: {error}", 2)
+    if workers > 1 and isinstance(store, MemoryCounters):
+        _fail(
+            f"--workers {workers}: with counters in memory each process would count alone, "
+            f"admitting up to {workers}x every limit; use --counters redis://HOST:PORT/DB, "
+            "or one worker",
+            2,
+        )
     try:
         book = open_ledger(ledger)
     except ValueError as error:
         _fail(f"--ledger {_redact(ledger)}: {error}", 2)
     except StoreError as error:
         _fail(f"--ledger {_redact(ledger)}: cannot open the ledger: {error}", 1)
-    guard = Guard(loaded, counters=store, ledger=book)
+    if workers > 1 and _process_local(book):
+        asyncio.run(_close(store, book))
+        _fail(
+            f"--workers {workers}: the ledger {_redact(ledger)} lives in one process, so each "
+            "worker would have its own tenants and quotas; use a SQLite file "
+            "(sqlite:///PATH) or PostgreSQL, or one worker",
+            2,
+        )
     console = _out()
-    admin_token = os.environ.get("TENANTGUARD_ADMIN_TOKEN") or ""
-    service_token = os.environ.get("TENANTGUARD_SERVICE_TOKEN") or admin_token
-    if not admin_token and not service_token:
-        admin_token = service_token = secrets.token_urlsafe(24)
-        console.print(Text(f"generated token (admin and service): {admin_token}"))
-    elif not admin_token:
-        admin_token = secrets.token_urlsafe(24)
-        console.print(Text(f"TENANTGUARD_ADMIN_TOKEN not set; generated: {admin_token}"))
+    service_token, admin_token = _tokens(console)
     console.print(Text(f"policy {policy}; counters {_redact(counters)}; ledger {_redact(ledger)}"))
+    if workers > 1:
+        # the parent only checked the configuration (and migrated the ledger, once):
+        # each worker opens its own stores
+        asyncio.run(_close(store, book))
+        service = _Service(policy, text, counters, ledger, service_token, admin_token)
+        _serve_workers(service, host, port, workers, console)
+        return
+    guard = Guard(loaded, counters=store, ledger=book)
     console.print(Text(f"listening on http://{host}:{port}"))
     server = create_app(guard, service_token=service_token, admin_token=admin_token)
     # the policy file is polled for changes while the server runs (from lifespan startup)
@@ -318,6 +390,59 @@ def serve(
     finally:
         for stop, handler in before.items():
             signal.signal(stop, handler)
+
+
+def _tokens(console: Console) -> tuple[str, str]:
+    """The service and admin tokens from the environment; generated (once, and printed
+    once) where none is set."""
+    admin_token = os.environ.get("TENANTGUARD_ADMIN_TOKEN") or ""
+    service_token = os.environ.get("TENANTGUARD_SERVICE_TOKEN") or admin_token
+    if not admin_token and not service_token:
+        admin_token = service_token = secrets.token_urlsafe(24)
+        console.print(Text(f"generated token (admin and service): {admin_token}"))
+    elif not admin_token:
+        admin_token = secrets.token_urlsafe(24)
+        console.print(Text(f"TENANTGUARD_ADMIN_TOKEN not set; generated: {admin_token}"))
+    return service_token, admin_token
+
+
+def _serve_workers(service: _Service, host: str, port: int, workers: int, console: Console) -> None:
+    from tenantguard._api_workers import reserve_port, run_workers  # noqa: PLC0415
+
+    try:
+        reserved = reserve_port(host, port)
+    except RuntimeError as error:
+        _fail(f"--workers {workers}: {error}", 2)
+    except OSError as error:
+        _fail(f"cannot listen on {host}:{port}: {error.strerror or error}", 1)
+    console.print(Text(f"listening on http://{host}:{port} ({workers} workers)"))
+    status = run_workers(
+        partial(_worker_app, service),
+        host=host,
+        port=port,
+        workers=workers,
+        reserved=reserved,
+        say=lambda message: _err().print(Text(message)),
+    )
+    if status:
+        raise typer.Exit(status)
+
+
+def _process_local(ledger: object) -> bool:
+    """Whether ``ledger`` lives in this process only (memory, or SQLite in memory)."""
+    from tenantguard.ledger import MemoryLedger, SqlLedger  # noqa: PLC0415
+
+    if isinstance(ledger, MemoryLedger):
+        return True
+    if isinstance(ledger, SqlLedger):
+        url = ledger.engine.url
+        return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+    return False
+
+
+async def _close(*closables: Any) -> None:
+    for closable in closables:
+        await closable.close()
 
 
 def _redact(url: str) -> str:

@@ -6,6 +6,10 @@ environment is read once, in ``tenantguard.cli``. The OpenAPI document at
 
 What every request goes through, in order:
 
+0. ``POST /v1/check``, the decision every proxied request waits for, goes straight to
+   its bare ASGI endpoint (``_api_check``): the same auth, body bound, validation and
+   problems as below, without FastAPI's middleware, dependency injection or pydantic
+   (a FastAPI twin documents it in ``/openapi.json``). Everything else:
 1. ``SegmentPaths`` (``_api_requests``) routes on the raw path, one segment at a time,
    so an id may hold any character URL-encoded, ``%2F`` included, without reaching
    another route;
@@ -17,14 +21,17 @@ What every request goes through, in order:
    (``_api_problems.translate``).
 
 Every error is ``application/problem+json`` with a stable ``code`` a client can switch
-on; bad input is always a 4xx that names what was wrong, never a 5xx. Anything else is
-logged and answered 500 ``internal_error`` without details. Tokens are never logged.
+on; bad input is always a 4xx that names what was wrong, never a 5xx. A ledger that
+cannot be reached is 503 ``ledger_unavailable`` with ``Retry-After`` on every route that
+needs it; checks go on without it. Anything else is logged and answered 500
+``internal_error`` without details. Tokens are never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -33,9 +40,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as PlainRoute
+from starlette.types import Receive, Scope, Send
 
 from tenantguard import __version__
+from tenantguard._api_check import CheckEndpoint
 from tenantguard._api_models import (
     MAX_INSTANT,
     ApproveBody,
@@ -68,6 +79,7 @@ from tenantguard._api_problems import (
     internal_problem,
     validation_problem,
 )
+from tenantguard._api_readiness import readiness, start_tenant_state
 from tenantguard._api_requests import (
     MAX_BODY_BYTES,
     AdminRoute,
@@ -84,17 +96,16 @@ from tenantguard._api_requests import (
     TenantId,
     Tokens,
     digest,
+    service_state,
 )
+from tenantguard._metrics import WorkerMetrics
 from tenantguard.guard import Guard
 from tenantguard.ledger import EventRecord, IncreaseRequest, OverrideRecord, TenantRecord
 from tenantguard.quotas import Usage
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
-PING_TIMEOUT = 2.0
-"""Seconds ``/readyz`` waits for each store before calling it down."""
-
-
+_documented = APIRouter(route_class=ServiceRoute, tags=["decisions"])
 _open = APIRouter(route_class=Route, tags=["operations"])
 _service = APIRouter(route_class=ServiceRoute, tags=["decisions"])
 _admin = APIRouter(route_class=AdminRoute, tags=["admin"])
@@ -105,7 +116,11 @@ def _problems(*codes: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
 
 
 _TENANT_404 = (404, "`tenant_not_found`: no record for this tenant.")
-_STORE_503 = (503, "`store_unavailable`: the ledger could not answer.")
+_STORE_503 = (
+    503,
+    "`ledger_unavailable`: the ledger cannot be reached (`Retry-After` says when to "
+    "try again; checks go on without it); `store_unavailable`: it could not answer.",
+)
 
 
 # shapes -----------------------------------------------------------------------------
@@ -158,13 +173,16 @@ def _event_out(event: EventRecord) -> EventOut:
 # decisions --------------------------------------------------------------------------
 
 
-@_service.post(
+@_documented.post(
     "/v1/check",
     response_model=None,
     responses={200: {"model": CheckResult, "description": "The decision."}},
     summary="Decide whether a request may proceed, and count it",
 )
 async def check(body: CheckBody, guard: GuardDep) -> Response:
+    # what CheckEndpoint serves, in FastAPI's terms: the document's entry for it, and the
+    # reference the tests hold the lean endpoint to; never routed to (a docstring here
+    # would become the operation's description)
     decision = await guard.check(
         body.tenant,
         body.method.upper(),
@@ -196,7 +214,7 @@ async def release_lease(lease: Lease, guard: GuardDep) -> Response:
 # tenants ----------------------------------------------------------------------------
 
 
-@_admin.get("/v1/tenants", summary="List tenants, by id")
+@_admin.get("/v1/tenants", responses=_problems(_STORE_503), summary="List tenants, by id")
 async def list_tenants(
     guard: GuardDep,
     prefix: Annotated[QueryText, Query(description="Only ids starting with this.")] = "",
@@ -218,7 +236,7 @@ async def put_tenant(tenant: TenantId, body: TenantBody, guard: GuardDep) -> Ten
 
 @_admin.get(
     "/v1/tenants/{tenant}",
-    responses=_problems(_TENANT_404),
+    responses=_problems(_TENANT_404, _STORE_503),
     summary="A tenant's plan, metadata and overrides",
 )
 async def get_tenant(tenant: TenantId, guard: GuardDep) -> TenantDetail:
@@ -235,7 +253,7 @@ async def get_tenant(tenant: TenantId, guard: GuardDep) -> TenantDetail:
     "/v1/tenants/{tenant}",
     status_code=204,
     response_class=Response,
-    responses=_problems(_TENANT_404),
+    responses=_problems(_TENANT_404, _STORE_503),
     summary="Forget a tenant's record (counts, overrides and history are kept)",
 )
 async def delete_tenant(tenant: TenantId, guard: GuardDep) -> Response:
@@ -246,6 +264,7 @@ async def delete_tenant(tenant: TenantId, guard: GuardDep) -> Response:
 
 @_admin.get(
     "/v1/tenants/{tenant}/limits",
+    responses=_problems(_STORE_503),
     summary="Every effective rate limit, quota and entitlement, with current usage",
 )
 async def get_limits(tenant: TenantId, guard: GuardDep) -> LimitsOut:
@@ -257,6 +276,7 @@ async def get_limits(tenant: TenantId, guard: GuardDep) -> LimitsOut:
     responses=_problems(
         (404, "`limit_not_found`: no rate limit or quota of that name."),
         (409, "`override_refused`: a hard plan's limits cannot be raised."),
+        _STORE_503,
     ),
     summary="Raise or lower one rule or quota for one tenant",
 )
@@ -274,7 +294,7 @@ async def put_override(
     "/v1/tenants/{tenant}/overrides/{name}",
     status_code=204,
     response_class=Response,
-    responses=_problems((404, "`override_not_found`.")),
+    responses=_problems((404, "`override_not_found`."), _STORE_503),
     summary="Remove an override: the plan's value applies again",
 )
 async def delete_override(tenant: TenantId, name: LimitName, guard: GuardDep) -> Response:
@@ -325,7 +345,7 @@ async def release(
 
 @_admin.get(
     "/v1/tenants/{tenant}/quotas/{quota}/usage",
-    responses=_problems((404, "`quota_not_found`.")),
+    responses=_problems((404, "`quota_not_found`."), _STORE_503),
     summary="A quota's current count",
 )
 async def get_usage(
@@ -366,7 +386,11 @@ async def file_request(tenant: TenantId, body: IncreaseBody, guard: GuardDep) ->
     return _request_out(request)
 
 
-@_admin.get("/v1/increase-requests", summary="List increase requests, newest first")
+@_admin.get(
+    "/v1/increase-requests",
+    responses=_problems(_STORE_503),
+    summary="List increase requests, newest first",
+)
 async def list_requests(
     guard: GuardDep,
     status: Annotated[Literal["pending", "approved", "rejected"] | None, Query()] = None,
@@ -378,7 +402,7 @@ async def list_requests(
 
 @_admin.get(
     "/v1/increase-requests/{request_id}",
-    responses=_problems((404, "`request_not_found`.")),
+    responses=_problems((404, "`request_not_found`."), _STORE_503),
     summary="One increase request",
 )
 async def get_request(request_id: RequestId, guard: GuardDep) -> IncreaseOut:
@@ -452,8 +476,10 @@ async def list_events(
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
     summary="Prometheus metrics",
 )
-async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    shared = service_state(request).metrics
+    body = generate_latest() if shared is None else shared.exposition()
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @_open.get("/healthz", summary="Liveness: the process answers")
@@ -461,47 +487,66 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-async def _ping(ping: Callable[[], Awaitable[bool]]) -> bool:
-    try:
-        return bool(await asyncio.wait_for(ping(), PING_TIMEOUT))
-    except Exception:  # a probe reports, it never fails
-        return False
-
-
-def _counter_store(guard: Guard) -> object:
-    return guard.counters
-
-
 @_open.get(
     "/readyz",
-    responses=_problems((503, "`not_ready`: says which store is down.")),
-    summary="Readiness: the ledger and the counter store answer, the policy loaded",
+    responses=_problems((503, "`not_ready`: says what is down.")),
+    response_model_exclude_unset=True,
+    summary="Readiness: checks can be served, the policy loaded",
+    description="200 while checks can be served, also while the ledger is down: checks then "
+    "run on the tenant state held in memory. 503 `not_ready` when the counter store does "
+    "not answer, or when the ledger is down and no tenant state was ever loaded. With the "
+    "admin token the answer also shows `checks` (each store's ping) and `tenant_state`.",
 )
-async def readyz(guard: GuardDep) -> Readiness:
-    checks = {"ledger": "ok" if await _ping(guard.ledger.ping) else "down"}
-    ping = getattr(_counter_store(guard), "ping", None)
-    if callable(ping):
-        checks["counters"] = "ok" if await _ping(ping) else "down"
-    policy = guard.policy.source
-    down = [name for name, state in checks.items() if state != "ok"]
-    if down:
-        detail = "; ".join(f"{name} {checks[name]}" for name in down)
-        raise ProblemError(503, "not_ready", detail, policy=policy, checks=checks)
-    return Readiness(status="ready", policy=policy, reload_error=guard.reload_error)
+async def readyz(request: Request) -> Readiness:
+    return await readiness(service_state(request), request.headers.get("authorization", ""))
 
 
-def create_app(guard: Guard, *, service_token: str, admin_token: str) -> FastAPI:
+class _Service(DocumentedApp):
+    """The service's app: ``POST /v1/check`` goes straight to its endpoint, before any
+    of FastAPI's layers; the router has the same endpoint too, so other methods on the
+    path and other spellings of it get the answers they always did."""
+
+    check_endpoint: CheckEndpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            raw = scope.get("raw_path")
+            if raw == b"/v1/check" or (
+                raw.__class__ is bytes and raw.partition(b"?")[0] == b"/v1/check"
+            ):
+                await self.check_endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(
+    guard: Guard,
+    *,
+    service_token: str,
+    admin_token: str,
+    metrics: WorkerMetrics | None = None,
+) -> FastAPI:
     """The service. Decision routes take the service or the admin token; admin routes
-    take the admin token only. The app's lifespan closes ``guard`` at shutdown."""
+    take the admin token only. The app's lifespan starts ``guard`` (its tenant state)
+    before serving and closes it at shutdown. ``metrics`` is for a worker among several
+    (``serve --workers``): its ``/metrics`` then sums them all."""
     if not service_token or not admin_token:
         raise ValueError("service_token and admin_token must be non-empty")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await start_tenant_state(guard)
+        publishing = None
+        if metrics is not None:
+            publishing = asyncio.get_running_loop().create_task(metrics.run())
         yield
+        if publishing is not None:
+            publishing.cancel()  # it publishes once more on the way out
+            with contextlib.suppress(asyncio.CancelledError):
+                await publishing
         await guard.close()
 
-    app = DocumentedApp(
+    app = _Service(
         title="tenantguard",
         version=__version__,
         description="Decisions and administration for the limits a multi-tenant API "
@@ -511,9 +556,13 @@ def create_app(guard: Guard, *, service_token: str, admin_token: str) -> FastAPI
         redirect_slashes=False,
         redoc_url=None,
     )
-    app.state.tenantguard = ServiceState(guard, Tokens(digest(service_token), digest(admin_token)))
+    state = ServiceState(guard, Tokens(digest(service_token), digest(admin_token)), metrics)
+    app.state.tenantguard = state
+    app.check_endpoint = CheckEndpoint(state)
+    app.documented = tuple(route for route in _documented.routes if isinstance(route, Route))
+    check = PlainRoute("/v1/check", app.check_endpoint, methods=["POST"], include_in_schema=False)
     # the routes themselves, not include_router: some FastAPI versions wrap included routers
-    app.router.routes.extend([*_service.routes, *_admin.routes, *_open.routes])
+    app.router.routes.extend([check, *_service.routes, *_admin.routes, *_open.routes])
     app.add_exception_handler(RequestValidationError, validation_problem)
     app.add_exception_handler(HTTPException, http_problem)
     app.add_exception_handler(ProblemError, internal_problem)
