@@ -78,6 +78,7 @@ class RouteTable:
             value for template in templates for kind, value in template.segments if kind == LITERAL
         )
         self._shapes: dict[tuple[str, ...], int] = {}
+        self._literal_paths: dict[tuple[str, str], int] = {}
         self._ids: dict[tuple[CompiledRule, ...], int] = {}
         self.matched: list[tuple[CompiledRule, ...]] = []
         """``matched[route_id]``: the rules a route id stands for. Grows with the number
@@ -118,6 +119,9 @@ class RouteTable:
     def route_id(self, method: str, path: str) -> int:
         """A number for the rules ``method`` and ``path`` match; equal for every request
         that matches the same rules (see the module docstring)."""
+        known = self._literal_paths.get((method, path))
+        if known is not None:
+            return known
         literals = self._literals
         if (
             path[:1] == "/"
@@ -131,6 +135,13 @@ class RouteTable:
         found = self._shapes.get(key)
         if found is None:
             found = self._learn(key)
+        if "" not in key:
+            # every segment a literal (a collection route, say): such paths repeat, and
+            # the next one skips the split; paths with an id never repeat, so never enter
+            literal_paths = self._literal_paths
+            if len(literal_paths) >= _SHAPES:
+                literal_paths.clear()
+            literal_paths[method, path] = found
         return found
 
     def _learn(self, key: tuple[str, ...]) -> int:

@@ -104,8 +104,11 @@ class MemoryCounters:
             for spec, table, key in zip(specs, tables, keys):  # noqa: B905 - equal by construction
                 live = table.live
                 state = live.get(key)
-                if state is None and table.draining:
-                    state = table.get(key)
+                if state is None and table.draining:  # table.get, inline: most keys are new
+                    state = table.draining.pop(key, None)
+                    if state is not None:
+                        live[key] = state
+                        table.kept += 1
                 step = table.step
                 if step is None:
                     outcome = concurrency.acquire(state, now, spec[3], spec[2], cost, lease or "")
@@ -131,7 +134,10 @@ class MemoryCounters:
             live = table.live
             state = live.get(key)
             if state is None and table.draining:
-                state = table.get(key)
+                state = table.draining.pop(key, None)
+                if state is not None:
+                    live[key] = state
+                    table.kept += 1
             step = table.step
             if step is None:
                 outcome = concurrency.acquire(state, now, spec[3], spec[2], cost, lease or "")
