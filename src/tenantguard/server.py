@@ -9,7 +9,8 @@ What every request goes through, in order:
 0. ``POST /v1/check``, the decision every proxied request waits for, goes straight to
    its bare ASGI endpoint (``_api_check``): the same auth, body bound, validation and
    problems as below, without FastAPI's middleware, dependency injection or pydantic
-   (a FastAPI twin documents it in ``/openapi.json``). Everything else:
+   (a FastAPI twin documents it in ``/openapi.json``). Middleware added to the app does
+   not see it: wrap the app instead. Everything else:
 1. ``SegmentPaths`` (``_api_requests``) routes on the raw path, one segment at a time,
    so an id may hold any character URL-encoded, ``%2F`` included, without reaching
    another route;
