@@ -39,7 +39,9 @@ def step(
     reset = start + window
     # the previous window's weight may fall EARLY seconds ahead of the clock's resolution
     if estimate + cost <= limit + EPSILON + previous * EARLY / window:
-        remaining = max(math.floor(limit - estimate - cost + EPSILON), 0)
+        remaining = math.floor(limit - estimate - cost + EPSILON)
+        if remaining < 0:  # max(…, 0) without the builtin call, on the admitting path
+            remaining = 0
         return (True, (start, previous, current + cost), remaining, reset, 0.0)
     remaining = max(math.floor(limit - estimate + EPSILON), 0)
     if cost > limit:
