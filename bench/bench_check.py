@@ -55,7 +55,7 @@ from limits import RateLimitItemPerMinute, storage, strategies
 
 from tenantguard import Guard
 from tenantguard.ledger import Ledger, MemoryLedger
-from tenantguard.stores import MemoryCounters
+from tenantguard.stores import CounterSpec, MemoryCounters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from traffic import (
@@ -355,7 +355,35 @@ async def report(args: argparse.Namespace) -> None:
     print()
     print_paths(grown)
     print_directory(traced, resident, tenants)
+    buckets = 100_000 if args.quick else 1_000_000
+    size = bytes_per_bucket(buckets)
+    print(
+        f"memory, counters: {size:.0f} bytes per active token bucket, {buckets:,} buckets,"
+        f" tenant ids included (target <= {BUCKET_TARGET}:"
+        f" {'met' if size <= BUCKET_TARGET else 'NOT met'})"
+    )
     print(f"total {time.perf_counter() - started:.0f} s")
+
+
+BUCKET_TARGET = 250
+
+
+def bytes_per_bucket(count: int) -> float:
+    """Heap per live counter of the memory store: one tenant-keyed token bucket each."""
+    store = MemoryCounters()
+    spec = CounterSpec("tenant-bucket|token-bucket|10", "token-bucket", 10.0, 200, 200, True)
+    tables = store.bind([spec])
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for index in range(count):
+        # the tenant id is created here, so its bytes are counted too
+        store.apply_now([spec], [f"00o{index:017d}"], 1, None, EPOCH, tables)
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    if store.size() != count:
+        raise RuntimeError(f"expected {count} live buckets, the store holds {store.size()}")
+    return (after - before) / count
 
 
 def print_paths(grown: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ feature); ``scripts/install-servers`` installs them.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +107,13 @@ def postgres_url(postgres_server: PostgresServer) -> str:
         conn.execute("DROP SCHEMA public CASCADE")
         conn.execute("CREATE SCHEMA public")
     return postgres_server.url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A real SQL ledger: a SQLite file of the test's own, or the session's PostgreSQL
+    emptied for the test. A module may define its own (with ``memory`` too, say)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url

@@ -66,14 +66,6 @@ def _acquire(limit: int | None) -> list[UsageChange]:
     return [UsageChange(quota=QUOTA, scope="", period="", amount=1, limit=limit)]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
 async def _prepare(url: str) -> None:
     """Open once in this process, so the schema exists before the workers race."""
     ledger = open_ledger(url)

@@ -95,10 +95,7 @@ class MemoryCounters:
         """``apply`` without the coroutine; ``tables`` from ``bind`` skips a lookup."""
         if tables is None:
             tables = self.bind(specs)
-        width = len(specs)
-        if width == 1:  # most routes: nothing to undo, no lists to keep
-            return [self._apply_one(specs[0], tables[0], keys[0], cost, lease, now)]
-        if width == 2 and tables[0].step and tables[1].step and tables[0] is not tables[1]:
+        if len(specs) == 2 and tables[0].step and tables[1].step and tables[0] is not tables[1]:
             return self._apply_two(specs, tables, keys, cost, now)  # type: ignore[arg-type]
         outcomes: list[Outcome] = []
         previous: list[Any] = []
@@ -108,11 +105,8 @@ class MemoryCounters:
             for spec, table, key in zip(specs, tables, keys):  # noqa: B905 - equal by construction
                 live = table.live
                 state = live.get(key)
-                if state is None and table.draining:  # table.get, inline: most keys are new
-                    state = table.draining.pop(key, None)
-                    if state is not None:
-                        live[key] = state
-                        table.kept += 1
+                if state is None and table.draining:
+                    state = table.get(key)
                 step = table.step
                 if step is None:
                     outcome = concurrency.acquire(state, now, spec[3], spec[2], cost, lease or "")
@@ -152,16 +146,10 @@ class MemoryCounters:
             live, other_live = first.live, second.live
             state = live.get(key)
             if state is None and first.draining:
-                state = first.draining.pop(key, None)
-                if state is not None:
-                    live[key] = state
-                    first.kept += 1
+                state = first.get(key)
             other_state = other_live.get(other_key)
             if other_state is None and second.draining:
-                other_state = second.draining.pop(other_key, None)
-                if other_state is not None:
-                    other_live[other_key] = other_state
-                    second.kept += 1
+                other_state = second.get(other_key)
             outcome = first.step(state, now, spec[3], spec[2], spec[4], cost)  # type: ignore[misc]
             other_outcome = second.step(  # type: ignore[misc]
                 other_state, now, other[3], other[2], other[4], cost
@@ -178,31 +166,6 @@ class MemoryCounters:
         finally:
             self._lock.release()
         return [outcome, other_outcome]
-
-    def _apply_one(
-        self, spec: CounterSpec, table: _Table, key: str, cost: int, lease: str | None, now: float
-    ) -> Outcome:
-        self._lock.acquire()  # not `with`: half the cost, on every check
-        try:
-            live = table.live
-            state = live.get(key)
-            if state is None and table.draining:
-                state = table.draining.pop(key, None)
-                if state is not None:
-                    live[key] = state
-                    table.kept += 1
-            step = table.step
-            if step is None:
-                outcome = concurrency.acquire(state, now, spec[3], spec[2], cost, lease or "")
-            else:
-                outcome = step(state, now, spec[3], spec[2], spec[4], cost)
-            if outcome[0]:
-                live[key] = outcome[1]
-            if table.draining or len(live) >= 2 * table.floor:
-                table.tidy(now)
-        finally:
-            self._lock.release()
-        return outcome
 
     @staticmethod
     def _undo(
