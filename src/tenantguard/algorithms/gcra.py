@@ -28,7 +28,7 @@ def step(
     interval = window / limit
     tolerance = burst * interval
     ahead = state[0] - (now - state[1]) if state is not None else 0.0  # max(TAT, now) - now
-    if ahead < 0.0:  # max(ahead, 0.0) without the builtin call: this runs on every check
+    if ahead < 0.0:  # noqa: PLR1730 - max() is a builtin call, and this runs on every check
         ahead = 0.0
     new_ahead = ahead + cost * interval
     if new_ahead <= tolerance + EARLY:

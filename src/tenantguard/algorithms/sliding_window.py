@@ -40,7 +40,7 @@ def step(
     # the previous window's weight may fall EARLY seconds ahead of the clock's resolution
     if estimate + cost <= limit + EPSILON + previous * EARLY / window:
         remaining = math.floor(limit - estimate - cost + EPSILON)
-        if remaining < 0:  # max(…, 0) without the builtin call, on the admitting path
+        if remaining < 0:  # noqa: PLR1730 - max() is a builtin call, on the admitting path
             remaining = 0
         return (True, (start, previous, current + cost), remaining, reset, 0.0)
     remaining = max(math.floor(limit - estimate + EPSILON), 0)

@@ -27,7 +27,7 @@ def step(
         return (False, state, 0, now, NEVER)
     rate = limit / window
     wait = state[0] - (now - state[1]) if state is not None else 0.0
-    if wait < 0.0:  # max(wait, 0.0) without the builtin call: this runs on every check
+    if wait < 0.0:  # noqa: PLR1730 - max() is a builtin call, and this runs on every check
         wait = 0.0
     tokens = burst - wait * rate
     if tokens + EARLY * rate >= cost:
