@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import random
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -212,19 +213,59 @@ def test_from_many_threads_admits_exactly_the_limit() -> None:
             assert sum(pool.map(hold, range(4))) >= 50
 
 
+def test_the_first_check_reads_the_directory_on_the_loop_then_never_again(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/x.db"
+    writer, _ = make(ledger=url)
+    with SyncGuard(writer) as sync:
+        sync.tenants.upsert("acme", plan="pro")
+    guard, _ = make(ledger=url)
+    with SyncGuard(guard) as sync:
+        assert sync.check("acme", "GET", "/reports/1").plan == "pro"
+        assert guard.seen() == {LOOP_THREAD}  # tried here, done on the loop
+        assert sync.check("globex", "GET", "/reports/1").plan == "free"
+        assert guard.seen() == {"MainThread"}
+
+
+def test_writes_from_many_threads_at_once_all_apply() -> None:
+    guard, _ = make()
+    with SyncGuard(guard) as sync:
+
+        def write(worker: int) -> None:
+            for index in range(50):
+                sync.tenants.upsert(f"t{worker}-{index}", plan="pro")
+
+        threads = [threading.Thread(target=write, args=(worker,)) for worker in range(8)]
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # threads switch mid-write, as under load
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            sys.setswitchinterval(interval)
+        assert guard.tenant_status().tenants == 400
+        assert sync.check("t7-49", "GET", "/reports/1").plan == "pro"
+        events = sync.wrap(guard.ledger.events)("t3-3", kinds=["plan_changed"])
+    assert len(events) == 1
+
+
 def test_with_an_sqlite_ledger_io_runs_on_the_loop_thread(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/x.db"
     guard, _ = make(ledger=url)
     with SyncGuard(guard) as sync:
-        sync.tenants.upsert("acme", plan="pro")
-        cold = sync.check("acme", "GET", "/reports/1")  # the tenant is read from SQLite
+        sync.tenants.upsert("acme", plan="pro")  # on the loop; reads the directory too
+        assert guard.seen() == set()
+        cold = sync.check("acme", "GET", "/reports/1")  # the tenant is in memory already
         assert cold.plan == "pro"
         assert [(c.rule, c.remaining) for c in cold.checks] == [
             ("reports", 99),
             ("tenant-bucket", 19),
         ]
-        assert guard.seen() == {LOOP_THREAD}  # tried here, finished on the loop
-        warm = sync.check("acme", "GET", "/reports/1")  # cached: no I/O, no hop
+        assert guard.seen() == {"MainThread"}  # no I/O, no hop
+        warm = sync.check("acme", "GET", "/reports/1")
         assert warm.checks[0].remaining == 98
         assert guard.seen() == {"MainThread"}
         for _ in range(10):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -70,10 +71,12 @@ class TenantDirectory:
         """When (by the guard's clock) a poll last found the state current."""
         self.next_poll = -math.inf
         self.polling = False
+        self.tried = False
+        """Whether a first read was attempted (checks wait for that one only)."""
         self.stale_checks = 0
-        self.overridden = 0
         self._names: dict[str, str] = {}
         self._versions = 0
+        self._serial = threading.Lock()
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
 
@@ -84,35 +87,69 @@ class TenantDirectory:
             entry = self._refreshed(tenant, entry, now)
         return entry
 
-    async def refresh(self, now: float) -> bool:
+    async def load_once(self, now: float) -> None:
+        """The first read, awaited by every check that arrives while it runs (they
+        would otherwise count tenants on the default plan); after it, only polls."""
+        if self.tried and not self.loading:
+            return
+        await self.refresh(now, first=True)
+
+    async def refresh(self, now: float, *, first: bool = False) -> bool:
         """Bring the directory up to the ledger's feed; False if the ledger failed
-        (the directory then keeps what it had and says ``down``)."""
-        async with self._guard_lock():
-            self.polling = False
-            try:
-                if not self.loaded:
-                    await self._load(now)
-                else:
-                    await self._follow(now)
-            except Exception as error:  # any failure of the ledger: serve what we have
-                if not isinstance(error, StoreError):
-                    log.exception("reading the tenant directory failed")
-                if not self.down:
-                    log.warning(
-                        "the ledger did not answer (%s: %s); %s",
-                        type(error).__name__,
-                        error,
-                        "checks go on with the tenant state last read"
-                        if self.loaded
-                        else "every tenant is on the default plan until it answers",
-                    )
-                self.down = True
-                return False
-            if self.down:
-                log.warning("the ledger answers again; tenant state is current")
-            self.down = False
-            self.confirmed_at = now
-            return True
+        (the directory then keeps what it had and says ``down``).
+
+        One refresh at a time, or a slower poll could apply older state over a newer
+        one. A thread lock orders them across threads (``SyncGuard``'s callers, on the
+        in-memory ledger where nothing suspends, and its loop); in an event loop, an
+        ``asyncio.Lock`` queues the loop's own tasks before it, so no task ever blocks
+        its loop's thread on a lock another task of that loop holds.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            with self._serial:
+                return await self._refresh(now, first)
+        async with self._loop_lock():
+            # and against other threads: a caller's, or another loop's. Held across the
+            # ledger's await, it blocks only other threads; this loop's tasks queue above
+            with self._serial:
+                return await self._refresh(now, first)
+
+    @property
+    def loading(self) -> bool:
+        """The first read is under way (checks arriving now wait for it)."""
+        lock = self._lock
+        return not self.loaded and lock is not None and lock.locked()
+
+    async def _refresh(self, now: float, first: bool) -> bool:
+        if first and self.tried:
+            return self.loaded  # another caller's first read finished meanwhile
+        self.tried = True
+        self.polling = False
+        try:
+            if not self.loaded:
+                await self._load(now)
+            else:
+                await self._follow(now)
+        except Exception as error:  # any failure of the ledger: serve what we have
+            if not isinstance(error, StoreError):
+                log.exception("reading the tenant directory failed")
+            if not self.down:
+                log.warning(
+                    "the ledger did not answer (%s: %s); %s",
+                    type(error).__name__,
+                    error,
+                    "checks go on with the tenant state last read"
+                    if self.loaded
+                    else "every tenant is on the default plan until it answers",
+                )
+            self.down = True
+            return False
+        if self.down:
+            log.warning("the ledger answers again; tenant state is current")
+        self.down = False
+        self.confirmed_at = now
+        return True
 
     def due(self, now: float) -> bool:
         """Whether a background poll should start now (and, if so, note it started)."""
@@ -128,7 +165,6 @@ class TenantDirectory:
     async def _load(self, now: float) -> None:
         snapshot = await self.ledger.tenant_snapshot()
         entries: dict[str, str | Overridden] = {}
-        self.overridden = 0
         for tenant, plan in snapshot.plans.items():
             entries[tenant] = self._name(plan)
         for tenant, records in snapshot.overrides.items():
@@ -137,7 +173,6 @@ class TenantDirectory:
                 continue
             entries[tenant] = made
         self.entries = entries
-        self.overridden = sum(1 for entry in entries.values() if entry.__class__ is Overridden)
         self.cursor = snapshot.cursor
         self.loaded = True
 
@@ -162,13 +197,11 @@ class TenantDirectory:
     def _apply(
         self, tenant: str, plan: str | None, records: Iterable[OverrideRecord], now: float
     ) -> None:
-        before = self.entries.get(tenant)
         made = self._make(plan, records, now)
         if made is None and plan is None:
             self.entries.pop(tenant, None)
         else:
             self.entries[tenant] = made if made is not None else self._name(plan or "")
-        self.overridden += (made is not None) - (before.__class__ is Overridden)
 
     def _make(
         self, plan: str | None, records: Iterable[OverrideRecord], now: float
@@ -185,28 +218,28 @@ class TenantDirectory:
         )
 
     def _refreshed(self, tenant: str, entry: Overridden, now: float) -> str | Overridden | None:
+        """``entry`` without its expired overrides. Written back only if it is still the
+        tenant's entry: a poll may have put a newer one there meanwhile (from another
+        thread), which must not be lost; the answer is then that newer one."""
         made = self._make(entry.plan, entry.records, now)
-        if made is None:
-            self.overridden -= 1
-            if entry.plan is None:
-                self.entries.pop(tenant, None)
-                return None
-            self.entries[tenant] = entry.plan
-            return entry.plan
-        self.entries[tenant] = made
-        return made
+        after: str | Overridden | None = made if made is not None else entry.plan
+        entries = self.entries
+        if entries.get(tenant) is not entry:
+            return self.entry(tenant, now)
+        if after is None:
+            entries.pop(tenant, None)
+        else:
+            entries[tenant] = after
+        return after
 
     def _name(self, plan: str) -> str:
         """One string object per plan name, however many tenants are on it."""
         return self._names.setdefault(plan, plan)
 
-    def _guard_lock(self) -> asyncio.Lock:
-        """One poll at a time; a lock per event loop (a ``SyncGuard`` runs its own)."""
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if self._lock is None or (loop is not None and loop is not self._lock_loop):
+    def _loop_lock(self) -> asyncio.Lock:
+        """The running loop's lock (a ``SyncGuard`` runs a loop of its own)."""
+        loop = asyncio.get_running_loop()
+        if self._lock is None or loop is not self._lock_loop:
             self._lock, self._lock_loop = asyncio.Lock(), loop
         return self._lock
 

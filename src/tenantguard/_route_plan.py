@@ -1,8 +1,9 @@
-"""What a (method, path, plan) resolves to, computed once and reused.
+"""What a matched route resolves to on one plan, computed once and reused.
 
-Matching, effective values and counter specs depend only on the route and the plan
-(overrides, when a tenant has them, bypass the cache), so the hot path looks them up in
-one bounded dict instead of recomputing them per request.
+Effective values and counter specs depend only on the rules a request matched (its
+route id, ``RouteTable.route_id``) and the plan, plus a tenant's overrides when it has
+some (those plans are kept per overrides version), so the hot path looks them up in one
+bounded dict instead of recomputing them per request.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ so that too is shared by every path that matched the same rules.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from tenantguard._paths import LITERAL, PARAM, REST, PathTemplate, normalise_path
@@ -30,6 +31,8 @@ from tenantguard._rules import CompiledRule
 __all__ = ["Candidate", "Conflict", "RouteTable", "find_conflicts"]
 
 _SHAPES = 65_536  # cached shapes; when full, the table starts again
+_LITERAL_PATHS = 8_192  # paths of literals only, kept as sent
+_LITERAL_PATH = 256  # characters at most of such a path
 Entry = tuple[CompiledRule, PathTemplate]
 
 
@@ -74,11 +77,20 @@ class RouteTable:
         self._tries = {method: self._build(method) for method in methods}
         self._other = self._build(None)
         templates = [t for rule in rules for t in (*rule.templates, *rule.excepts)]
-        self._literals = frozenset(
-            value for template in templates for kind, value in template.segments if kind == LITERAL
-        )
+        # a literal maps to itself, the template's own string: a shape holds only those
+        # (and ""), never a request's own strings, so its size is bounded by the policy
+        self._literals = {
+            value: value
+            for template in templates
+            for kind, value in template.segments
+            if kind == LITERAL
+        }
+        self._depth = 1 + max((len(t.segments) for t in templates), default=0)
+        """Segments that can tell paths apart: past the deepest template only ``**``
+        matches, whatever the rest says, so a shape keeps this many at most."""
         self._shapes: dict[tuple[str, ...], int] = {}
         self._literal_paths: dict[tuple[str, str], int] = {}
+        self._learning = threading.Lock()
         self._ids: dict[tuple[CompiledRule, ...], int] = {}
         self.matched: list[tuple[CompiledRule, ...]] = []
         """``matched[route_id]``: the rules a route id stands for. Grows with the number
@@ -122,24 +134,25 @@ class RouteTable:
         known = self._literal_paths.get((method, path))
         if known is not None:
             return known
-        literals = self._literals
+        literal = self._literals.get
         if (
             path[:1] == "/"
             and path[-1] != "/"
             and not ("?" in path or "#" in path or "%" in path or "//" in path or "/." in path)
         ):  # already normal, as nearly every path is: normalise_path's own fast path, inline
-            parts: Iterable[str] = path[1:].split("/")
+            parts: Sequence[str] = path[1:].split("/")
         else:
             parts = normalise_path(path)
-        key = (method, *[part if part in literals else "" for part in parts])
+        key = (method, *[literal(part, "") for part in parts[: self._depth]])
         found = self._shapes.get(key)
         if found is None:
             found = self._learn(key)
-        if "" not in key:
+        if "" not in key and len(path) <= _LITERAL_PATH and "?" not in path:
             # every segment a literal (a collection route, say): such paths repeat, and
-            # the next one skips the split; paths with an id never repeat, so never enter
+            # the next one skips the split. A path with an id, or a query (a cursor, a
+            # filter), seldom repeats, so it never enters
             literal_paths = self._literal_paths
-            if len(literal_paths) >= _SHAPES:
+            if len(literal_paths) >= _LITERAL_PATHS:
                 literal_paths.clear()
             literal_paths[method, path] = found
         return found
@@ -147,13 +160,14 @@ class RouteTable:
     def _learn(self, key: tuple[str, ...]) -> int:
         # masked segments ("") equal no literal, so walking the key walks the path
         result = self._walk_groups(key[0], key[1:])
-        found = self._ids.get(result)
-        if found is None:
-            found = self._ids[result] = len(self.matched)
-            self.matched.append(result)
-        if len(self._shapes) >= _SHAPES:
-            self._shapes.clear()
-        self._shapes[key] = found
+        with self._learning:  # ids are handed out once each, whatever the threads
+            found = self._ids.get(result)
+            if found is None:
+                self.matched.append(result)
+                found = self._ids[result] = len(self.matched) - 1
+            if len(self._shapes) >= _SHAPES:
+                self._shapes.clear()
+            self._shapes[key] = found
         return found
 
     def _walk_groups(self, method: str, segments: tuple[str, ...]) -> tuple[CompiledRule, ...]:

@@ -147,8 +147,8 @@ class _PolicyView:
     route_id: Callable[[str, str], int]
     routes: dict[object, RoutePlan] = field(default_factory=dict)
     """Route plans by ``route id × plans + plan index``, or for a tenant with overrides
-    by ``(route id, plan index, tenant, overrides version)``: by what the request
-    matched, never by its raw path, so a fresh id in every path costs no more."""
+    by ``(route id, plan index, overrides version)`` (versions are unique): by what the
+    request matched, never by its raw path, so a fresh id in every path costs no more."""
 
     @classmethod
     def of(cls, policy: Policy) -> _PolicyView:
@@ -212,7 +212,6 @@ class Guard:
         # an in-process ledger has no other writer: what this guard changes it applies
         interval = math.inf if isinstance(self.ledger, MemoryLedger) else tenant_ttl
         self._directory = TenantDirectory(self.ledger, interval=interval)
-        self._first_load_tried = False
         self._poller: asyncio.Task[None] | None = None
         self._polls: set[asyncio.Task[bool]] = set()
         self.background: Spawn | None = None
@@ -351,11 +350,12 @@ class Guard:
         every tenant is on the default plan until a poll succeeds (``tenant_status``
         says ``loading``)."""
         directory = self._directory
-        if not self._first_load_tried:
-            self._first_load_tried = True
-            await directory.refresh(self._clock())
+        now = self._clock()
+        await directory.load_once(now)
+        directory.next_poll = now + directory.interval
         if self._poller is None and math.isfinite(directory.interval):
-            directory.next_poll = math.inf  # the task polls; checks need not
+            # checks still start a poll when one is overdue (a loop that ran the task
+            # may be gone: ``asyncio.run(guard.start())``, then a ``SyncGuard``)
             self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
 
     async def _poll_forever(self) -> None:
@@ -367,7 +367,6 @@ class Guard:
     async def refresh(self) -> bool:
         """Apply the ledger's tenant changes now (the first call loads every tenant);
         False when the ledger did not answer, and the last known state stays."""
-        self._first_load_tried = True
         return await self._directory.refresh(self._clock())
 
     def tenant_status(self) -> TenantStatus:
@@ -391,14 +390,13 @@ class Guard:
         """Read the directory the first time it is needed; after that, start a poll in
         the background whenever one is due. Only that first read is ever awaited."""
         directory = self._directory
-        if not self._first_load_tried:
+        if (not directory.loaded and not directory.tried) or directory.loading:
             if not isinstance(self.ledger, MemoryLedger):
                 # raises outside an event loop before anything is done, which tells the
                 # synchronous facade to run the call on its loop instead (see sync.py)
                 asyncio.get_running_loop()
-            self._first_load_tried = True
             directory.next_poll = now + directory.interval
-            await directory.refresh(now)
+            await directory.load_once(now)
         elif directory.due(now):
             self._spawn_poll(now)
 
@@ -447,7 +445,7 @@ class Guard:
             plan, slot = view.plan_of.get(entry, view.default)
             key: object = route_id * view.plan_count + slot
         else:
-            plan, slot, key = self._overridden(tenant, entry, route_id, now, view)  # type: ignore[arg-type]
+            plan, slot, key, entry = self._overridden(tenant, entry, route_id, now, view)  # type: ignore[arg-type]
         route = view.routes.get(key) or self._route(key, route_id, plan, slot, entry, now, view)
         lease = None
         outcomes: list[Outcome]
@@ -512,18 +510,18 @@ class Guard:
 
     def _overridden(
         self, tenant: str, entry: Overridden, route_id: int, now: float, view: _PolicyView
-    ) -> tuple[str, int, object]:
-        """The plan of a tenant with overrides, and its route plans' cache key: versions
-        are unique, so the key needs no tenant id, and tenants that share nothing never
-        share a plan."""
+    ) -> tuple[str, int, object, str | Overridden | None]:
+        """The plan of a tenant with overrides, its route plans' cache key, and the
+        entry both come from (the route plan must be built from that one, never from
+        one read earlier). Versions are unique, so the key needs no tenant id."""
         if entry.until <= now:  # one of them expired: work out the rest again
             found = self._directory.entry(tenant, now)
             if not isinstance(found, Overridden):
                 plan, slot = view.plan_of.get(found, view.default)
-                return plan, slot, route_id * view.plan_count + slot
+                return plan, slot, route_id * view.plan_count + slot, found
             entry = found
         plan, slot = view.plan_of.get(entry.plan, view.default)
-        return plan, slot, (route_id, slot, entry.version)
+        return plan, slot, (route_id, slot, entry.version), entry
 
     def _route(
         self,

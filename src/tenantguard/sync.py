@@ -3,8 +3,8 @@
 There is no sync twin of the engine: ``SyncGuard`` runs the guard's own coroutines.
 
 - **In the caller's thread** first, with no event loop: ``coro.send(None)``. With
-  in-process stores (memory counters; a memory ledger, or a tenant already in the
-  cache) a check never awaits anything that suspends, so the coroutine finishes in that
+  in-process counters (memory) a check never awaits anything that suspends (tenant
+  state is in memory once read), so the coroutine finishes in that
   one step and costs what a plain function call costs: no loop, no thread hop.
 - **On the SyncGuard's own event-loop thread** when the call needs real I/O (an SQL
   ledger, Redis), via ``asyncio.run_coroutine_threadsafe``. One loop for all callers,
@@ -15,7 +15,9 @@ engine touches the loop only at its first I/O, before it has counted or written
 anything; there, without a loop, that touch raises, and the call is started again on
 the loop thread. So a call that does I/O computes its pure prefix (route and cache
 lookups) twice and pays a thread hop (tens of microseconds); a call that does not never
-leaves the caller's thread. A coroutine that merely pauses (a bare ``yield``) is not
+leaves the caller's thread. A poll of the tenant directory that falls due during a
+check in the caller's thread is handed to the loop thread (``Guard.background``); the
+check does not wait for it. A coroutine that merely pauses (a bare ``yield``) is not
 restarted but finished on the loop thread. Checks and releases of a guard whose
 counters are not in process (Redis) always do I/O, so they go to the loop at once
 (a first attempt would also spend the circuit breaker's half-open probe).
@@ -67,6 +69,7 @@ class SyncGuard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._flush: Future[None] | None = None
+        self._closed = False
         # polls of the tenant directory that a check in the caller's thread finds due
         guard.background = self._in_background
         counters_local = guard.counters_in_process  # see the docstring
@@ -90,10 +93,14 @@ class SyncGuard:
         return call
 
     def _in_background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if self._closed:  # a check after close(): no new loop thread for a poll
+            coro.close()
+            return
         asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())
 
     def close(self) -> None:
         """Close the guard (pending events are written, stores closed), end the loop."""
+        self._closed = True
         self._on_loop(self._close())
         with self._lock:
             loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
