@@ -7,6 +7,7 @@ injected clock; a poll is an explicit ``refresh()`` step, so nothing here waits 
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,21 @@ async def test_a_replica_started_while_the_ledger_is_down_serves_the_default_pla
         if not own_postgres.running:
             own_postgres.start()
         await guard.close()
+
+
+async def test_a_ledger_that_hangs_is_unavailable_after_the_call_timeout(tmp_path: Path) -> None:
+    """A server that stops answering with its connections open (here: a write lock
+    held elsewhere, with a busy timeout far longer) is given up on, not waited for."""
+    path = tmp_path / "ledger.db"
+    ledger = SqlLedger(f"sqlite:///{path}", busy_timeout=60, call_timeout=0.3)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(LedgerUnavailable, match=r"did not answer within 0\.3 s"):
+            await ledger.upsert_tenant("acme", "pro", None, START)
+        holder.execute("ROLLBACK")
+        await ledger.upsert_tenant("acme", "pro", None, START)  # answers again
+        assert (await ledger.tenant_snapshot()).plans == {"acme": "pro"}
+    finally:
+        holder.close()
+        await ledger.close()

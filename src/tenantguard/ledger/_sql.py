@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
-from tenantguard.errors import StoreError
+from tenantguard.errors import LedgerUnavailable, StoreError
 from tenantguard.ledger import _feed
 from tenantguard.ledger._base import (
     ChangeResult,
@@ -68,9 +68,18 @@ class SqlLedger:
 
     Opening migrates the database to the latest schema (see ``_schema``) and raises
     ``SchemaVersionError`` when the database is newer than this code.
+
+    A call that has not answered after ``call_timeout`` seconds (default: SQLite's
+    ``busy_timeout`` plus 5) raises ``LedgerUnavailable``: a server that hangs with its
+    connections open (stopped, or a network that drops packets) is noticed by no socket
+    option, and a caller must not wait on it for ever. The call itself goes on to its
+    end on its thread, as a cancelled one does, so retry with an idempotency key.
     """
 
-    def __init__(self, url: str, *, busy_timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, *, busy_timeout: float = 10.0, call_timeout: float | None = None
+    ) -> None:
+        self._call_timeout = busy_timeout + 5.0 if call_timeout is None else call_timeout
         engine, serial = open_engine(url, busy_timeout)
         self._engine = engine
         self._serial = serial
@@ -92,7 +101,13 @@ class SqlLedger:
         return self._engine
 
     async def _call(self, work: Work[T], *, read_only: bool = False) -> T:
-        return await asyncio.to_thread(self._run, work, read_only)
+        call = asyncio.to_thread(self._run, work, read_only)
+        try:
+            return await asyncio.wait_for(call, self._call_timeout)
+        except TimeoutError:
+            raise LedgerUnavailable(
+                f"the ledger database did not answer within {self._call_timeout:g} s"
+            ) from None
 
     def _run(self, work: Work[T], read_only: bool) -> T:
         with self._calls:
@@ -436,7 +451,8 @@ class SqlLedger:
                 return
             self._closed = True
             self._calls.notify_all()
-            self._calls.wait_for(lambda: self._in_flight == 0)
+            # a call stuck on a hung server must not hold shutdown for ever either
+            self._calls.wait_for(lambda: self._in_flight == 0, timeout=self._call_timeout)
         self._engine.dispose()
 
     # helpers
