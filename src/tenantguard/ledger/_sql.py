@@ -101,9 +101,13 @@ class SqlLedger:
         return self._engine
 
     async def _call(self, work: Work[T], *, read_only: bool = False) -> T:
-        call = asyncio.to_thread(self._run, work, read_only)
+        # outside an event loop this raises before the call is made (SyncGuard restarts
+        # such a call on its loop), so no coroutine is left unawaited
+        asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(call, self._call_timeout)
+            return await asyncio.wait_for(
+                asyncio.to_thread(self._run, work, read_only), self._call_timeout
+            )
         except TimeoutError:
             raise LedgerUnavailable(
                 f"the ledger database did not answer within {self._call_timeout:g} s"
