@@ -46,7 +46,6 @@ class Overridden:
     what was computed from the old set is never reused."""
 
     plan: str | None
-    records: tuple[OverrideRecord, ...]
     live: dict[str, OverrideRecord]
     until: float
     version: int
@@ -206,22 +205,19 @@ class TenantDirectory:
     def _make(
         self, plan: str | None, records: Iterable[OverrideRecord], now: float
     ) -> Overridden | None:
-        kept = tuple(r for r in records if r.expires_at is None or r.expires_at > now)
-        if not kept:
+        live = {r.name: r for r in records if r.expires_at is None or r.expires_at > now}
+        if not live:
             return None
+        expiring = [r.expires_at for r in live.values() if r.expires_at is not None]
+        until = min(expiring, default=math.inf)
         self._versions += 1
-        return Overridden(
-            None if plan is None else self._name(plan),
-            kept,
-            *_live(kept, now),
-            self._versions,
-        )
+        return Overridden(None if plan is None else self._name(plan), live, until, self._versions)
 
     def _refreshed(self, tenant: str, entry: Overridden, now: float) -> str | Overridden | None:
         """``entry`` without its expired overrides. Written back only if it is still the
         tenant's entry: a poll may have put a newer one there meanwhile (from another
         thread), which must not be lost; the answer is then that newer one."""
-        made = self._make(entry.plan, entry.records, now)
+        made = self._make(entry.plan, entry.live.values(), now)
         after: str | Overridden | None = made if made is not None else entry.plan
         entries = self.entries
         if entries.get(tenant) is not entry:
@@ -242,11 +238,3 @@ class TenantDirectory:
         if self._lock is None or loop is not self._lock_loop:
             self._lock, self._lock_loop = asyncio.Lock(), loop
         return self._lock
-
-
-def _live(
-    records: tuple[OverrideRecord, ...], now: float
-) -> tuple[dict[str, OverrideRecord], float]:
-    live = {r.name: r for r in records if r.expires_at is None or r.expires_at > now}
-    until = min((r.expires_at for r in live.values() if r.expires_at is not None), default=math.inf)
-    return live, until

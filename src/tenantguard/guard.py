@@ -134,11 +134,8 @@ class _PolicyView:
 
     policy: Policy
     styles: tuple[HeaderStyle, ...]
-    default_plan: str
-    default_slot: int
     names: tuple[str, ...]
     allowed: list[int]
-    plan_index: Mapping[str, int]
     plan_of: Mapping[str | None, tuple[str, int]]
     """A plan's name (or ``None``) → its name and index; a name the policy lacks → the
     default plan, which ``default`` holds."""
@@ -159,8 +156,7 @@ class _PolicyView:
         }
         plan_of[None] = plan_of[default]
         return cls(
-            policy, policy.document.headers, default, policy.plan_index[default],
-            names, [0] * len(names), policy.plan_index, plan_of, plan_of[default],
+            policy, policy.document.headers, names, [0] * len(names), plan_of, plan_of[default],
             len(policy.plan_index), policy.routes.route_id,
         )  # fmt: skip
 
