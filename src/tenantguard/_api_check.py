@@ -37,8 +37,10 @@ from starlette.types import Receive, Scope, Send
 from tenantguard._api_models import MAX_COUNT, MAX_ID_LENGTH, CheckBody
 from tenantguard._api_problems import INTERNAL, ProblemError, invalid_fields, log, translate
 from tenantguard._api_requests import ServiceState, json_object, receive_body
+from tenantguard.decision import Decision
+from tenantguard.guard import Guard
 
-__all__ = ["CheckEndpoint"]
+__all__ = ["CheckEndpoint", "decide"]
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
 _Optional = Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
@@ -85,6 +87,20 @@ def _accepted(body: bytes) -> _CheckArgs | None:
     return args
 
 
+async def decide(guard: Guard, args: _CheckArgs | CheckBody) -> Decision:
+    """The check a validated body asks for, whichever path validated it."""
+    return await guard.check(
+        args.tenant,
+        args.method.upper(),
+        args.path,
+        client=args.client,
+        ip=args.ip,
+        user=args.user,
+        headers=args.headers,
+        cost=args.cost,
+    )
+
+
 def _reference(body: bytes) -> CheckBody:
     """The body as the FastAPI route read it, or the problem it answered."""
     if not body:
@@ -121,17 +137,7 @@ class CheckEndpoint:
                     declared = value
             self._tokens.authorise_header((authorization or b"").decode("latin-1"), "service")
             body = await receive_body(receive, declared or b"")
-            args = _accepted(body) or _reference(body)
-            decision = await self._guard.check(
-                args.tenant,
-                args.method.upper(),
-                args.path,
-                client=args.client,
-                ip=args.ip,
-                user=args.user,
-                headers=args.headers,
-                cost=args.cost,
-            )
+            decision = await decide(self._guard, _accepted(body) or _reference(body))
             payload = _encode(decision.as_dict())
         except ClientDisconnect:
             return  # nobody left to answer

@@ -47,7 +47,7 @@ from starlette.routing import Route as PlainRoute
 from starlette.types import Receive, Scope, Send
 
 from tenantguard import __version__
-from tenantguard._api_check import CheckEndpoint
+from tenantguard._api_check import CheckEndpoint, decide
 from tenantguard._api_models import (
     MAX_INSTANT,
     ApproveBody,
@@ -184,17 +184,7 @@ async def check(body: CheckBody, guard: GuardDep) -> Response:
     # what CheckEndpoint serves, in FastAPI's terms: the document's entry for it, and the
     # reference the tests hold the lean endpoint to; never routed to (a docstring here
     # would become the operation's description)
-    decision = await guard.check(
-        body.tenant,
-        body.method.upper(),
-        body.path,
-        client=body.client,
-        ip=body.ip,
-        user=body.user,
-        headers=body.headers,
-        cost=body.cost,
-    )
-    return JSONResponse(decision.as_dict())
+    return JSONResponse((await decide(guard, body)).as_dict())
 
 
 @_service.post(
