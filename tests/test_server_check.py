@@ -19,23 +19,15 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from starlette.exceptions import HTTPException
 
 from tenantguard import Guard, parse_policy
 from tenantguard._api_check import _accepted
 from tenantguard._api_models import CheckBody
-from tenantguard._api_problems import (
-    ProblemError,
-    http_problem,
-    internal_problem,
-    validation_problem,
-)
-from tenantguard._api_requests import SegmentPaths, ServiceState, Tokens, digest, json_object
+from tenantguard._api_requests import ServiceState, Tokens, digest, json_object
 from tenantguard.errors import LedgerUnavailable
-from tenantguard.server import _documented, create_app
+from tenantguard.server import _documented, answer_with_problems, create_app
 
 POLICY = """\
 version: 1
@@ -90,11 +82,7 @@ def reference_app(guard: Guard) -> FastAPI:
     app = FastAPI()
     app.state.tenantguard = ServiceState(guard, Tokens(digest(TOKEN), digest("admin-secret")))
     app.router.routes.extend(_documented.routes)
-    app.add_exception_handler(RequestValidationError, validation_problem)
-    app.add_exception_handler(HTTPException, http_problem)
-    app.add_exception_handler(ProblemError, internal_problem)
-    app.add_exception_handler(Exception, internal_problem)
-    app.add_middleware(SegmentPaths)
+    answer_with_problems(app)
     return app
 
 

@@ -554,9 +554,15 @@ def create_app(
     check = PlainRoute("/v1/check", app.check_endpoint, methods=["POST"], include_in_schema=False)
     # the routes themselves, not include_router: some FastAPI versions wrap included routers
     app.router.routes.extend([check, *_service.routes, *_admin.routes, *_open.routes])
+    answer_with_problems(app)
+    return app
+
+
+def answer_with_problems(app: FastAPI) -> None:
+    """Every error as problem+json, and routing on the raw path: what any app serving
+    these routes needs (``create_app``, and the tests' reference app)."""
     app.add_exception_handler(RequestValidationError, validation_problem)
     app.add_exception_handler(HTTPException, http_problem)
     app.add_exception_handler(ProblemError, internal_problem)
     app.add_exception_handler(Exception, internal_problem)
     app.add_middleware(SegmentPaths)
-    return app
